@@ -12,3 +12,7 @@ def tokenizer_dir() -> Path:
     if not (TOKENIZER_DIR / "tokenizer.json").is_file():
         pytest.fail(f"the Qwen2 tokenizer fixture is missing at {TOKENIZER_DIR} (set QWEN2_TOKENIZER_DIR)")
     return TOKENIZER_DIR
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py and other shared test helpers
