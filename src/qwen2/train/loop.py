@@ -1,0 +1,332 @@
+"""The one training loop (DESIGN principle 7): every objective (pre-training, SFT, DPO, ...) runs here.
+
+AdamW with decoupled weight decay (Loshchilov & Hutter) and no decay on norms, biases and the token
+embedding; linear warmup then cosine (or linear / constant) decay to `min_lr_ratio` of the peak;
+gradient accumulation; global-norm clipping; optional bf16 autocast and activation checkpointing;
+periodic evaluation on held-out batches; metrics to JSONL (+ TensorBoard when installed) and tqdm.
+Scale-out with torchrun: DDP or FSDP2 (`fully_shard`), gloo on CPU and NCCL on GPU, same code path.
+
+The paper gives no optimiser hyper-parameters (SPEC 1.1); the defaults are the common AdamW choices
+(betas 0.9/0.95, eps 1e-8, decay 0.1, clip 1.0). The learning rate is a pure function of the step,
+so a checkpoint needs only the step to restore the schedule.
+
+    trainer = Trainer(model, TrainConfig(...), run_dir)
+    trainer.resume(loader)                       # newest complete checkpoint, if any
+    trainer.fit(next_token_loss, loader, end_step=1000)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer stay fp32)
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp | fsdp, used when torchrun starts more than one process
+    eval_every: int = 0  # optimizer steps between evaluations (0: only at the end of fit)
+    log_every: int = 1
+    ckpt_every: int = 0  # optimizer steps between checkpoints (0: only at the end of fit)
+    keep_last: int = 2
+    seed: int = 0
+
+    def validate(self, source: str = "TrainConfig"):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"{source}: schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"{source}: precision must be fp32 or bf16, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"{source}: parallel must be ddp or fsdp, got {self.parallel!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
+
+
+# ---- optimizer and schedule --------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; norms, biases (every 1-D tensor) and the token embedding do not.
+
+    The embedding is excluded as in GPT-style recipes (decay would pull rare tokens' rows to zero);
+    with tied embeddings that is also the output layer. An untied lm_head is a matrix and decays.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith("embed_tokens.weight") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a stage of `total_steps` steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+# ---- distributed ---------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per local rank when CUDA is present, else gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, device
+
+
+class ObjectiveModule(nn.Module):
+    """model + objective as one module, so DDP / FSDP2 see the whole step in their forward hooks."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net = model
+        self.objective = None
+
+    def forward(self, batch):
+        return self.objective(self.net, batch)
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    """Activation checkpointing from outside the model: each decoder layer recomputes in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def parallelize(module: ObjectiveModule, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    if cfg.activation_checkpointing:
+        _checkpoint_layers(module.net)
+    if world == 1:
+        return module
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard  # FSDP2: per-parameter DTensor sharding
+
+    for layer in module.net.model.layers:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+class Trainer:
+    """Holds the model, its parallel wrapper, the optimizer, the global step and the metrics files.
+
+    `fit` runs one stage (an objective and a loader up to a global step); stages share the optimizer
+    (the long-context stage continues pre-training). Checkpoints are written by `state.py`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *, stage: str = "train"):
+        cfg.validate()
+        self.cfg, self.run_dir, self.stage = cfg, Path(run_dir), stage
+        self.rank, self.world, self.device = init_distributed()
+        self.model = model.to(self.device)
+        self.module = ObjectiveModule(self.model)
+        self.wrapped = parallelize(self.module, cfg, self.world, self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        self.step = 0  # optimizer steps done, counted across stages
+        self.stage_start = 0  # global step at which the current stage began (its schedule's step 0)
+        self.tokens = 0  # tokens trained on, all ranks
+        self.meta: dict = {}  # free-form run facts kept in checkpoints (the orchestrator's plan)
+        self._tb = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- metrics --
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"stage": self.stage, "step": self.step, **record}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(f"{self.stage}/{k}", v, self.step)
+
+    def _tensorboard(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the train extra is optional: JSONL alone is complete
+                print("note: tensorboard is not installed (pip install 'qwen2[train]'); metrics go to metrics.jsonl only")
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb or None
+
+    def close(self):
+        if self._tb:
+            self._tb.close()
+
+    # -- precision --
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch):
+        if torch.is_tensor(batch):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._to_device(b) for b in batch)
+        return batch
+
+    # -- one optimizer step --
+    def train_step(self, objective, batches: list, total_steps: int) -> dict:
+        """Accumulate gradients over `batches` (cfg.grad_accum micro-batches), clip, step. Returns metrics."""
+        cfg, n = self.cfg, len(batches)
+        self.module.objective = objective
+        lr = lr_at(self.step - self.stage_start, cfg, total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            batch = self._to_device(batch)
+            sync = i == n - 1
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
+            if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+                self.wrapped.set_requires_gradient_sync(sync)
+            with ctx:
+                with self._autocast():
+                    loss, metrics = self.wrapped(batch)
+                (loss / n).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out = self._mean_over_ranks(sums)
+        out.update(lr=lr, grad_norm=grad_norm)
+        return out
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _mean_over_ranks(self, sums: dict) -> dict:
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        vec = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(vec)
+            vec /= self.world
+        return {k: float(v) for k, v in zip(keys, vec.cpu())}
+
+    @torch.no_grad()
+    def evaluate(self, objective, batches) -> dict:
+        """Mean of the objective's metrics over held-out `batches` (an iterable), all ranks."""
+        self.module.objective = objective
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for batch in batches:
+            with self._autocast():
+                _, metrics = self.wrapped(self._to_device(batch))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n += 1
+        self.model.train()
+        return {f"eval_{k}": v / max(n, 1) for k, v in self._mean_over_ranks(sums).items()}
+
+    # -- a stage --
+    def fit(self, objective, loader, *, end_step: int, eval_batches=None, on_step=None, desc: str | None = None) -> dict:
+        """Train until the global step reaches `end_step`. `loader` yields micro-batches and has
+        state_dict()/load_state_dict(); `eval_batches()` returns held-out batches; `on_step(trainer,
+        metrics)` runs after each step (time budgets). Checkpoints every cfg.ckpt_every steps and at the end."""
+        from tqdm import tqdm
+
+        from qwen2.train.state import save_checkpoint
+
+        cfg = self.cfg
+        total = end_step - self.stage_start
+        it = iter(loader)
+        bar = tqdm(total=end_step, initial=self.step, desc=desc or self.stage, disable=not self.is_main, dynamic_ncols=True)
+        last: dict = {}
+        while self.step < end_step:
+            t0 = time.perf_counter()
+            batches = [next(it) for _ in range(cfg.grad_accum)]
+            tokens = sum(_count_tokens(b) for b in batches) * self.world
+            metrics = self.train_step(objective, batches, total)
+            self.tokens += tokens
+            dt = time.perf_counter() - t0
+            metrics.update(tokens=self.tokens, tokens_per_s=tokens / max(dt, 1e-9), step_time_s=dt)
+            last = metrics
+            if eval_batches is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                metrics.update(self.evaluate(objective, eval_batches()))
+            if self.step % cfg.log_every == 0 or self.step == end_step:
+                self.log(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{metrics['lr']:.2e}")
+            if on_step is not None and on_step(self, metrics) is False:
+                end_step = self.step  # the budget ran out: finish the stage here
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end_step:
+                save_checkpoint(self, loader)
+        bar.close()
+        if eval_batches is not None:
+            ev = self.evaluate(objective, eval_batches())
+            self.log({"final": True, **ev})
+            last.update(ev)
+        save_checkpoint(self, loader)
+        return last
+
+
+def _count_tokens(batch) -> int:
+    from qwen2.train.objectives import split_batch
+
+    return int(split_batch(batch)[1].numel())
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)
