@@ -24,8 +24,30 @@ def _add_info(sub):
     p.set_defaults(func=run)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output at most (default: the config's)")
+
+    def run(a):
+        from qwen2.serve import serve
+
+        serve(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, api_key=a.api_key,
+              dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+              max_model_len=a.max_model_len)
+
+    p.set_defaults(func=run)
+
+
 # Registered subcommands, in the order `--help` lists them. Add yours here.
-COMMANDS = [_add_info]
+COMMANDS = [_add_info, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,134 @@
+"""POST /v1/chat/completions: messages rendered by qwen2.chat (ChatML; control tokens typed in a message
+stay text), tools in the checkpoint's format (qwen2.tool_calls: hermes by default), replies parsed back
+into OpenAI `tool_calls`, streaming with `stream_options.include_usage`.
+
+Streaming with tools: text before a `<tool_call>` block streams as content; from the block on, the text
+is held until the reply ends, then parsed and sent as one `tool_calls` delta (finish_reason
+"tool_calls"), or as content if it does not parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from qwen2.serve.app import new_id, sse, streaming
+from qwen2.serve.choices import Choice, TextStream, chat_logprobs
+from qwen2.serve.protocol import APIError, ChatRequest
+
+CALL_OPEN = "<tool_call>"
+
+
+def chat_prompt(srv, req: ChatRequest) -> tuple[list[int], bool]:
+    """(prompt ids, tools on) for a request; bad messages or tools -> 400 naming the field."""
+    from qwen2.chat import encode_chat
+
+    messages = []
+    for m in req.messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        messages.append(msg)
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        ids, _ = encode_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools, tool_format=srv.tool_format)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+    if len(ids) >= srv.max_model_len:
+        raise APIError(400, f"the conversation has {len(ids)} tokens; this model's context is {srv.max_model_len}",
+                       param="messages", code="context_length_exceeded")
+    return ids, tools is not None
+
+
+def split_tool_calls(srv, text: str) -> tuple[str | None, list[dict]]:
+    """Generated text -> (content, OpenAI tool_calls); text that does not parse stays content."""
+    from qwen2.tool_calls import ToolCallParseError, parse_tool_calls
+
+    try:
+        content, calls = parse_tool_calls(text, srv.tool_format)
+    except ToolCallParseError:
+        return text, []
+    return (content or None), [dict(c.to_dict(), id=new_id("call")) for c in calls]
+
+
+async def chat_completions(srv, req: ChatRequest, request):
+    srv.check_model(req.model)
+    stops = req.stops()
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    prompt, tools_on = chat_prompt(srv, req)
+    asked, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens else (req.max_tokens, "max_tokens")
+    max_tokens = srv.max_tokens(len(prompt), asked, param)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    choices = [Choice(i, prompt, TextStream(srv.tokenizer, stops), srv.stop_ids) for i in range(req.n)]
+    queue: asyncio.Queue = asyncio.Queue()
+    srv.start(choices, queue, req, max_tokens, logprobs=k)
+    rid, created = new_id("chatcmpl"), int(time.time())
+    head = {"id": rid, "created": created, "model": srv.model_name, "system_fingerprint": None}
+
+    def finish(c: Choice) -> tuple[str | None, list[dict], str]:
+        content, calls = split_tool_calls(srv, c.stream.text) if tools_on else (c.stream.text, [])
+        return content, calls, ("tool_calls" if calls else c.finish_reason)
+
+    if not req.stream:
+        async for _ in srv.run(choices, queue, request):
+            pass
+        body = []
+        for c in choices:
+            content, calls, reason = finish(c)
+            msg = {"role": "assistant", "content": content, "refusal": None}
+            if calls:
+                msg["tool_calls"] = calls
+            body.append({"index": c.index, "message": msg, "finish_reason": reason,
+                         "logprobs": chat_logprobs(srv.tokenizer, c.logprobs, k) if k is not None else None})
+        return dict(head, object="chat.completion", choices=body, usage=srv.usage([prompt], choices))
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+        out = dict(head, object="chat.completion.chunk",
+                   choices=[{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+        if include_usage:
+            out["usage"] = None
+        return sse(out)
+
+    async def events():
+        sent = {c.index: 0 for c in choices}  # characters of c.stream.text sent as content
+        sent_lp = {c.index: 0 for c in choices}
+        for c in choices:
+            yield chunk(c.index, {"role": "assistant", "content": ""})
+        async for c in srv.run(choices, queue, None):
+            text = c.stream.text
+            upto = len(text) if c.done or c.stream.stopped else max(sent[c.index], len(text) - c.stream.hold)
+            if tools_on:  # hold everything from a (possibly partial) <tool_call> on
+                at = text.find(CALL_OPEN)
+                if at < 0 and not c.done:
+                    at = next((i for i in range(max(0, len(text) - len(CALL_OPEN) + 1), len(text))
+                               if CALL_OPEN.startswith(text[i:])), -1)
+                if at >= 0:
+                    upto = min(upto, max(at, sent[c.index]))
+            lp = None
+            if k is not None and len(c.logprobs) > sent_lp[c.index]:
+                lp = chat_logprobs(srv.tokenizer, c.logprobs[sent_lp[c.index]:], k)
+                sent_lp[c.index] = len(c.logprobs)
+            delta = text[sent[c.index] : upto]
+            sent[c.index] = upto
+            if delta or lp:
+                yield chunk(c.index, {"content": delta}, logprobs=lp)
+            if c.done:
+                content, calls, reason = finish(c)
+                if calls:
+                    yield chunk(c.index, {"tool_calls": [dict(call, index=j) for j, call in enumerate(calls)]})
+                elif sent[c.index] < len(text):
+                    yield chunk(c.index, {"content": text[sent[c.index]:]})
+                yield chunk(c.index, {}, finish_reason=reason)
+        if include_usage:
+            yield sse(dict(head, object="chat.completion.chunk", choices=[], usage=srv.usage([prompt], choices)))
+        yield "data: [DONE]\n\n"
+
+    return streaming(events())

@@ -1,0 +1,191 @@
+"""The OpenAI request schema, strict JSON parsing, and errors in OpenAI's body.
+
+Reference: the OpenAI API reference for /v1/chat/completions and /v1/completions (the legacy one:
+`echo` + `logprobs` let lm-evaluation-harness score log-likelihoods). Departures: `logprobs` /
+`top_logprobs` go up to 20 (as vLLM) instead of 5; unknown fields are ignored, not refused, so
+clients that send extras still work; penalties are not implemented and a non-zero value is refused.
+
+Every bad request becomes an `APIError`, which the app turns into a 4xx with
+`{"error": {"message", "type", "param", "code"}}`: never FastAPI's 422 shape, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status + OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- strict JSON --------------------------------------------------------------------------------
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"the number {text[:40]} is out of range (numbers must be finite)")
+    return x
+
+
+def _check_strings(obj: Any, path: str = "") -> None:
+    """Refuse lone surrogates (JSON allows "\\ud800"; UTF-8 cannot carry it), anywhere in the body."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{path or 'body'}: string contains a lone surrogate (invalid Unicode)",
+                           param=path or None, code="invalid_unicode") from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_strings(k, path)
+            _check_strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_strings(v, f"{path}.{i}")
+
+
+def parse_json(raw: bytes) -> dict:
+    """Body bytes -> a JSON object, refusing what Python's json would let through (NaN, Infinity, 1e999,
+    lone surrogates) and what would crash it (deep nesting, huge integers)."""
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_strings(obj)
+    return obj
+
+
+# ---- request models -------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: no "1" -> 1 or true -> 1 coercion (an int is still a valid float).
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class _Common(_Strict):
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop: give at most 4 non-empty strings", param="stop", code="invalid_value")
+        return stops
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=1)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "literal"}
+
+
+def _param(loc: tuple) -> str | None:
+    """pydantic's error location -> OpenAI's `param` (messages.0.content), dropping union-member tags."""
+    parts = []
+    for p in loc:
+        if isinstance(p, str) and ("[" in p or p.split("-")[0] in _TYPE_TAGS or p.startswith("function-")):
+            continue
+        parts.append(str(p))
+    return ".".join(parts) or None
+
+
+def validate(model: type[BaseModel], body: dict) -> Any:
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _param(err["loc"])
+        raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param, code=err["type"]) from None
+    if req.presence_penalty or req.frequency_penalty:
+        raise APIError(400, "presence_penalty / frequency_penalty are not supported by this server",
+                       param="presence_penalty" if req.presence_penalty else "frequency_penalty", code="unsupported")
+    return req

@@ -1,0 +1,93 @@
+"""The bridge between asyncio request handlers and the Engine, which runs `step()` on its own thread.
+
+One thread owns the model. Handlers `submit` a request and read its `StepOutput`s from an asyncio
+queue; the engine thread steps while there is work and sleeps on an event when there is none. A lock
+serialises the thread's step with `submit` / `abort` from the event loop, so `abort` returns with the
+request's blocks already free (after at most the step in flight). Overload is refused at `submit`,
+at once, instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from qwen2.engine import Engine, StepOutput
+
+log = logging.getLogger("qwen2.serve")
+
+
+class Overloaded(Exception):
+    pass
+
+
+class AsyncEngine:
+    """Runs `engine.step()` on a background thread; `max_pending` bounds the requests held at once."""
+
+    def __init__(self, engine: Engine, *, max_pending: int = 256):
+        self.engine, self.max_pending = engine, max_pending
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="qwen2-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], queue: asyncio.Queue | None = None, **kwargs) -> tuple[str, asyncio.Queue]:
+        """Queue one request (Engine.add_request's arguments); returns its id and the queue its outputs
+        go to (`queue`, which several requests may share, or a new one). Raises Overloaded when
+        `max_pending` requests are in flight, ValueError for a request the engine refuses."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = queue if queue is not None else asyncio.Queue()
+        with self._lock:
+            if len(self.engine.seqs) >= self.max_pending:
+                raise Overloaded(f"the server holds {self.max_pending} requests already; retry later")
+            rid = self.engine.add_request(prompt, **kwargs)
+            self._queues[rid] = (loop, q)
+            self._work.set()
+        return rid, q
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its cache blocks (a no-op when it has finished)."""
+        with self._lock:
+            self._queues.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def pending(self) -> int:
+        return len(self.engine.seqs)
+
+    def close(self) -> None:
+        self._stop = True
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            self._work.wait()
+            if self._stop:
+                return
+            with self._lock:
+                try:
+                    outs = self.engine.step()
+                except BaseException as e:  # a bug, not bad input: fail every request in flight, keep serving
+                    log.exception("engine step failed")
+                    self.error = e
+                    outs = [StepOutput(rid, [], finished=True, finish_reason="error") for rid in list(self.engine.seqs)]
+                    for o in outs:
+                        self.engine.abort(o.request_id)
+                for o in outs:
+                    entry = self._queues.get(o.request_id)
+                    if entry is not None:
+                        if o.finished:
+                            del self._queues[o.request_id]
+                        try:
+                            entry[0].call_soon_threadsafe(entry[1].put_nowait, o)
+                        except RuntimeError:  # its event loop has closed: nobody is listening
+                            self.engine.abort(o.request_id)
+                if not self.engine.has_unfinished():
+                    self._work.clear()
