@@ -309,8 +309,12 @@ class Trainer:
                 self.log(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{metrics['lr']:.2e}")
-            if on_step is not None and on_step(self, metrics) is False:
-                end_step = self.step  # the budget ran out: finish the stage here
+            if on_step is not None:  # a time budget may fix (int) or end (False) the stage
+                new_end = on_step(self, metrics)
+                if new_end is False:
+                    new_end = self.step
+                if isinstance(new_end, int) and not isinstance(new_end, bool):
+                    end_step, total, bar.total = new_end, new_end - self.stage_start, new_end
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end_step:
                 save_checkpoint(self, loader)
         bar.close()

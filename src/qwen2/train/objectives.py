@@ -38,14 +38,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp_min(1)
         safe_t = targets.clamp_min(0)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax dtype: fp32, or fp64 for fp64 inputs
         w = weight.to(compute_dtype)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
             hc, tc, vc = h[s:e].to(compute_dtype), safe_t[s:e], valid[s:e]
-            logits = (hc @ w.T).float()  # [c, V] fp32: the only vocabulary-wide tensor, one chunk at a time
+            logits = (hc @ w.T).to(acc)  # [c, V] fp32: the only vocabulary-wide tensor, one chunk at a time
             lse = torch.logsumexp(logits, dim=-1)  # [c]
             picked = logits.gather(1, tc[:, None]).squeeze(1)
             total += torch.where(vc, lse - picked, 0.0).sum()
@@ -58,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_h:
                     grad_h[s:e] = (g @ w).to(h.dtype)
                 if want_w:
-                    grad_w.addmm_(g.T.float() if compute_dtype != torch.float32 else g.T, hc.float())
+                    grad_w.addmm_(g.T.to(acc), hc.to(acc))
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None, count)
         ctx.weight_dtype = weight.dtype
         return total / count
@@ -108,11 +109,14 @@ def token_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk_ro
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed batch -> (input_ids [B, T], targets [B, T]).
 
-    Accepts a tensor [B, T+1] of token ids (targets are the ids shifted by one), or a dict with
-    `input_ids` and `labels` (already aligned: labels[:, i] is the target of input_ids[:, i]).
+    Accepts a tensor [B, T+1] of token ids (targets are the ids shifted by one), PackedLoader's
+    `{"input_ids": [B, T+1]}`, or a dict with `input_ids` and `labels` (already aligned:
+    labels[:, i] is the target of input_ids[:, i], IGNORE_INDEX where no loss).
     """
     if isinstance(batch, dict):
-        return batch["input_ids"], batch["labels"]
+        if "labels" in batch:
+            return batch["input_ids"], batch["labels"]
+        batch = batch["input_ids"]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if torch.is_tensor(batch) and batch.dim() == 2:

@@ -151,6 +151,24 @@ def _full_state(trainer) -> tuple[dict, dict]:
     return get_state_dict(trainer.model, trainer.optimizer, options=opts)
 
 
+def gather_model(trainer):
+    """An unsharded model on rank 0 (the trained module itself unless FSDP shards it); None elsewhere.
+    Collective under FSDP: every rank must call it."""
+    if trainer.world == 1 or trainer.cfg.parallel != "fsdp":
+        return trainer.model if trainer.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from qwen2.model import Qwen2
+
+    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not trainer.is_main:
+        return None
+    with torch.device("meta"):
+        plain = Qwen2(trainer.model.config)
+    plain.load_state_dict(sd, assign=True, strict=True)
+    return plain
+
+
 def save_checkpoint(trainer, loader) -> Path | None:
     """Write the trainer's complete state at its current step. Collective under torchrun; rank 0 writes."""
     from qwen2.checkpoint import save_model

@@ -1,0 +1,249 @@
+"""Pre-training end to end: tokenizer -> tokenized corpus -> stage 1 -> long-context stage -> HF export.
+
+Paper section 3 / SPEC 1.1: pre-training at 4,096 tokens with RoPE base 10,000, then a final stage at
+32,768 tokens with base 1,000,000 on a mixture rich in long documents. Scaled down here (by default
+256 -> 1,024 tokens, the same base change). Between the stages only `config.rope_theta` changes (the
+model recomputes its rotary frequencies: `model._rope = None`) and the loader (longer rows, a
+mixture of documents at least `long_min_doc_tokens` long with the ordinary corpus); the optimizer
+carries on. Per-position held-out loss at the long length is measured after each stage
+(`long_context.json`) to show what the long stage buys.
+
+Runs with a fixed number of steps, or within a time budget (`minutes`): after a few calibration
+steps the remaining time fixes each stage's step count (and so its cosine schedule); the plan is
+kept in every checkpoint, so a resumed run follows the same schedule.
+
+The same function runs under torchrun: rank 0 trains the tokenizer and tokenizes, the others wait.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwen2.train.loop import Trainer, init_distributed
+from qwen2.train.objectives import next_token_loss, token_losses
+from qwen2.train.recipes import PretrainConfig, model_config
+from qwen2.train.state import gather_model, latest_checkpoint, load_checkpoint, read_trainer_info
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def corpus_files(cfg: PretrainConfig) -> list[Path]:
+    """The corpus's files (the Python standard library's .py/.txt when `corpus` is None), thinned evenly
+    to `max_corpus_mb` when set."""
+    from qwen2.data.corpus import default_corpus_files, list_files
+
+    if cfg.corpus is None:
+        files = default_corpus_files()
+    else:
+        if not Path(cfg.corpus).exists():
+            raise FileNotFoundError(f"corpus {cfg.corpus}: no such file or folder")
+        files = list_files([cfg.corpus])
+        if not files:
+            raise ValueError(f"corpus {cfg.corpus}: no text, JSONL or parquet files in it")
+    return _thin(files, cfg.max_corpus_mb)
+
+
+def _thin(files: list[Path], mb: float) -> list[Path]:
+    """Every k-th file so that about `mb` megabytes remain (spread over the whole tree, deterministic)."""
+    total = sum(f.stat().st_size for f in files)
+    if mb <= 0 or total <= mb * 1e6:
+        return files
+    k = total / (mb * 1e6)
+    return [f for i, f in enumerate(files) if int(i / k) != int((i + 1) / k) or i == 0]
+
+
+def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> Path:
+    """An existing tokenizer folder, or a byte-level BPE trained on (a slice of) the corpus into run_dir/tokenizer."""
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    out = run_dir / "tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        from qwen2.tokenizer_train import train_tokenizer
+
+        train_tokenizer(_thin(files, cfg.tokenizer_max_mb), cfg.tokenizer_vocab, out)
+    return out
+
+
+def prepare_data(cfg: PretrainConfig, tok, run_dir: Path, files: list[Path]):
+    """Tokenized shards under run_dir/data (cached by prepare_corpus's fingerprint) -> (train, val)."""
+    from qwen2.data import Source, prepare_corpus
+    from qwen2.data.shards import ShardSet
+
+    report = prepare_corpus([Source("corpus", files)], tok, run_dir / "data")
+    shards = ShardSet(run_dir / "data" / report["sources"]["corpus"]["dir"])
+    return shards.split(cfg.heldout_fraction, seed=cfg.seed)
+
+
+def long_mixture(cfg: PretrainConfig, train):
+    """The long-context stage's data: documents >= long_min_doc_tokens, mixed with the ordinary corpus."""
+    from qwen2.data import Mixture
+
+    long_docs = train.select(min_tokens=cfg.long_min_doc_tokens)
+    if len(long_docs) == 0:
+        raise ValueError(f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the long-context "
+                         f"stage; lower long_min_doc_tokens or add longer documents")
+    return Mixture({"long": long_docs, "all": train}, {"long": cfg.long_mix, "all": 1 - cfg.long_mix})
+
+
+@torch.no_grad()
+def per_position_loss(model, val, seq_len: int, rows: int = 8, bins: int = 32) -> dict:
+    """Mean held-out next-token loss by position (in `bins` equal buckets) over `rows` rows of `seq_len`."""
+    from qwen2.data import PackedLoader
+
+    longest = val.select(min_tokens=seq_len + 1)
+    data = longest if len(longest) >= 1 else val
+    batch = next(PackedLoader(data, seq_len, rows, seed=0, shuffle=False))["input_ids"]
+    model.eval()
+    losses = token_losses(model, batch[:, :-1].to(model.output_weight.device), batch[:, 1:].to(model.output_weight.device))
+    model.train()
+    per_pos = losses.mean(0).cpu()  # [T]
+    width = seq_len // bins
+    return {"seq_len": seq_len, "rope_theta": model.config.rope_theta, "bin_width": width,
+            "positions": [i * width + width // 2 for i in range(bins)],
+            "loss": [float(per_pos[i * width:(i + 1) * width].mean()) for i in range(bins)],
+            "mean": float(per_pos.mean())}
+
+
+def set_rope_theta(model, theta: float) -> None:
+    """The long-context stage's RoPE base: change the config, drop the cached frequencies."""
+    model.config = model.config.replace(rope_theta=float(theta))
+    model._rope = None
+
+
+class _Budget:
+    """Turns the time left into a stage's step count after `calib` measured steps (stored in trainer.meta)."""
+
+    def __init__(self, key: str, seconds: float, calib: int):
+        self.key, self.seconds, self.calib, self.start = key, seconds, calib, None
+
+    def __call__(self, trainer, metrics):
+        plan = trainer.meta.setdefault("plan", {})
+        now = time.perf_counter()
+        if self.start is None:  # the first step pays one-off costs: measure from its end
+            self.start = (trainer.step, now)
+            return None
+        done = trainer.step - self.start[0]
+        if self.key not in plan and done >= self.calib:
+            per_step = (now - self.start[1]) / done
+            left = self.seconds - (now - self._t0)
+            plan[self.key] = trainer.step + max(1, int(0.95 * left / per_step))
+            return plan[self.key]
+        return None
+
+    def begin(self):
+        self._t0 = time.perf_counter()
+        return self
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
+    """Run (or resume) the whole pre-training; returns a summary (also written to run_dir/summary.json)."""
+    from qwen2.data import PackedLoader
+    from qwen2.model import build_model
+    from qwen2.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out)
+    rank, world, device = init_distributed()
+    files = corpus_files(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tok_dir = prepare_tokenizer(cfg, run_dir, files)
+    _barrier()
+    tok_dir = prepare_tokenizer(cfg, run_dir, files) if rank else tok_dir
+    tok = load_tokenizer(tok_dir)
+    if rank == 0:
+        prepare_data(cfg, tok, run_dir, files)
+    _barrier()
+    train, val = prepare_data(cfg, tok, run_dir, files)
+    t_data = time.perf_counter() - t0
+
+    mcfg = model_config(cfg.model, len(tok)).replace(
+        rope_theta=cfg.rope_theta, bos_token_id=tok.endoftext_id, eos_token_id=tok.endoftext_id,
+        max_position_embeddings=max(cfg.long_seq_len, 4096))
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg, device=device, seed=cfg.seed)
+    trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
+    loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed)
+    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank, world, seed=cfg.seed)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    stage = read_trainer_info(ckpt)["stage"] if ckpt else "pretrain"
+    if ckpt is not None and stage == "long":
+        set_rope_theta(model, cfg.long_rope_theta)
+        trainer.cfg = cfg.train_config("long")
+    if ckpt is not None:
+        load_checkpoint(trainer, long_loader if stage == "long" else loader, ckpt)
+        if rank == 0:
+            print(f"resumed from {ckpt} (step {trainer.step}, stage {stage})")
+    plan = trainer.meta.setdefault("plan", {})
+    reserve = max(20.0, 0.04 * cfg.minutes * 60)
+
+    def eval_batches(data, seq_len, bs):
+        return lambda: [b for _, b in zip(range(cfg.eval_batches), PackedLoader(data, seq_len, bs, rank, world, seed=0, shuffle=False))]
+
+    # ---- stage 1 ----
+    if stage == "pretrain":
+        budget = None
+        if cfg.minutes and "pretrain" not in plan:
+            left = cfg.minutes * 60 - (time.perf_counter() - t0) - reserve
+            budget = _Budget("pretrain", max(1.0, left * (1 - cfg.long_fraction)), calib=min(3, cfg.warmup_steps)).begin()
+        end = plan.get("pretrain", 10**9 if budget else cfg.steps)
+        if budget is None:
+            plan["pretrain"] = end
+        trainer.fit(next_token_loss, loader, end_step=end, on_step=budget,
+                    eval_batches=eval_batches(val, cfg.seq_len, cfg.batch_size), desc="pretrain")
+        plain = gather_model(trainer)
+        if rank == 0:
+            _write_json(run_dir / "long_context_before.json", per_position_loss(plain, val, cfg.long_seq_len))
+        # ---- switch to the long-context stage ----
+        set_rope_theta(model, cfg.long_rope_theta)
+        trainer.cfg, trainer.stage, trainer.stage_start = cfg.train_config("long"), "long", trainer.step
+    budget = None
+    if cfg.minutes and "long" not in plan:
+        left = cfg.minutes * 60 - (time.perf_counter() - t0) - reserve
+        budget = _Budget("long", max(1.0, left), calib=min(2, cfg.long_warmup_steps)).begin()
+    end = plan.get("long", 10**9 if budget else trainer.stage_start + cfg.long_steps)
+    if budget is None:
+        plan["long"] = end
+    last = trainer.fit(next_token_loss, long_loader, end_step=end, on_step=budget,
+                       eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size), desc="long-context")
+    summary = {}
+    plain = gather_model(trainer)
+    if rank == 0:
+        _write_json(run_dir / "long_context_after.json", per_position_loss(plain, val, cfg.long_seq_len))
+        export(plain, tok_dir, run_dir / "model")
+        summary = {"steps": trainer.step, "plan": plan, "tokens": trainer.tokens, "final": last,
+                   "data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t0 - t_data, 1),
+                   "model": str(run_dir / "model"), "config": cfg.__dict__}
+        _write_json(run_dir / "summary.json", summary)
+    trainer.close()
+    _barrier()
+    return summary
+
+
+def export(model, tok_dir: Path, out: Path) -> Path:
+    """The final model in the Hugging Face layout, with the tokenizer's files beside it."""
+    from qwen2.checkpoint import save_model
+
+    save_model(model, out)
+    for name in TOKENIZER_FILES:
+        if (Path(tok_dir) / name).is_file():
+            shutil.copyfile(Path(tok_dir) / name, out / name)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    from qwen2.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
