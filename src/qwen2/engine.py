@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2.paged_cache import BlockManager, KVPool, PagedBatch
+from qwen2.sampling import SamplingParams, TokenHistory, sample
 from qwen2.scheduler import Scheduler, Sequence, Status
 
 
@@ -116,7 +117,7 @@ class Engine:
     """Continuous batching over one model.
 
         engine = Engine(model)
-        rid = engine.add_request(prompt_ids, max_tokens=32)
+        rid = engine.add_request(prompt_ids, SamplingParams(temperature=0, max_new_tokens=32))
         while engine.has_unfinished():
             for out in engine.step(): ...
 
@@ -147,31 +148,37 @@ class Engine:
         """Tokens the whole cache holds: one request's prompt + output can use at most this."""
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, prompt: list[int], *, max_tokens: int, sampling=None, stop_token_ids=(), seed: int | None = None,
-                    logprobs: int | None = None, prompt_logprobs: int | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None, request_id: str | None = None) -> str:
         """Queue a request; it joins the batch at the next step. Returns its id.
 
-        sampling: a qwen2.sampling.SamplingParams (None: greedy). max_tokens == 0 only scores the
-        prompt (with prompt_logprobs). Raises ValueError for a request that can never run.
+        params: qwen2.sampling's SamplingParams (default: greedy, 256 tokens); its max_new_tokens,
+        stop_token_ids and seed apply here, and `stop` strings must be empty: they need a tokenizer, so
+        the server (or generate) handles them. max_new_tokens == 0 only scores the prompt (with
+        prompt_logprobs). logprobs / prompt_logprobs: report the chosen / prompt tokens' log-probabilities
+        and the top k. Raises ValueError for a request that can never run.
         """
+        params = params if params is not None else SamplingParams(temperature=0.0)
+        if params.stop:
+            raise ValueError("stop strings need a tokenizer: the engine stops on stop_token_ids only")
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         limit = min(self.max_model_len, self.capacity)
-        if len(prompt) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context of {limit} tokens")
+        if len(prompt) + params.max_new_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"context of {limit} tokens")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.pool.k.device).manual_seed(seed)
-        seq = Sequence(request_id, prompt, max_tokens, sampling, frozenset(stop_token_ids), logprobs, prompt_logprobs, gen)
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.pool.k.device).manual_seed(params.seed % 2**64)
+        seq = Sequence(request_id, prompt, params.max_new_tokens, params, frozenset(params.stop_token_ids),
+                       logprobs, prompt_logprobs, gen)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -221,16 +228,18 @@ class Engine:
                 seq.prompt_lp.append(TokenLogprob(tok, lp[j, tok].item(), top))
 
     def _pick(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[int | None]:
-        """The next token of each caught-up sequence (None: it only scores its prompt)."""
-        out = []
-        for seq, lg in ready:
-            if seq.max_tokens == 0:
-                out.append(None)
-            elif seq.sampling is None:
-                out.append(int(lg.argmax()))
-            else:
-                raise NotImplementedError("sampling arrives with qwen2.sampling")
-        return out
+        """The next token of each caught-up sequence with qwen2.sampling's `sample`, one row per
+        sequence with its own params and generator (None: it only scores its prompt)."""
+        rows = [(s, lg) for s, lg in ready if s.max_tokens > 0]
+        picked = iter([])
+        if rows:
+            params = [s.sampling for s, _ in rows]
+            history = None
+            if any(p.needs_history for p in params):
+                history = TokenHistory([s.prompt for s, _ in rows], self.config.vocab_size, outputs=[s.output for s, _ in rows])
+            logits = torch.stack([lg for _, lg in rows])  # [R, V]
+            picked = iter(sample(logits, params, [s.generator for s, _ in rows], history).tolist())
+        return [next(picked) if s.max_tokens > 0 else None for s, _ in ready]
 
     def _emit(self, seq: Sequence, logits: torch.Tensor, token: int | None) -> StepOutput:
         first = not seq.output
@@ -255,9 +264,9 @@ class Engine:
             out.finished, out.finish_reason = True, reason
         return out
 
-    def generate(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
-        """Run `prompts` together to completion; each one's output tokens, in order (a convenience for tests)."""
-        rids = [self.add_request(p, **kwargs) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
+        """Run `prompts` together to completion; each one's output tokens, in order."""
+        rids = [self.add_request(p, params) for p in prompts]
         got: dict[str, list[int]] = {r: [] for r in rids}
         while self.has_unfinished():
             for o in self.step():

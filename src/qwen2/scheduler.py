@@ -35,7 +35,7 @@ class Sequence:
     request_id: str
     prompt: list[int]
     max_tokens: int
-    sampling: Any = None  # qwen2.sampling.SamplingParams, or None for greedy
+    sampling: Any = None  # qwen2.sampling.SamplingParams
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo scoring)

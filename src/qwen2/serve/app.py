@@ -87,22 +87,17 @@ class Server:
                            f"{self.max_model_len} tokens", param=param, code="context_length_exceeded")
         return asked
 
-    def sampling(self, req):
-        """The generation engineer's SamplingParams for a request; None (greedy) at temperature 0."""
-        if req.temperature == 0:
-            return None
+    def start(self, choices: list[Choice], queue: asyncio.Queue, req, max_tokens: int, **kw) -> None:
+        """Submit each choice to the engine; choice i samples with seed + i (OpenAI's seed is per request)."""
         from qwen2.sampling import SamplingParams
 
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p)
-
-    # ---- running choices -------------------------------------------------------------------------
-    def start(self, choices: list[Choice], queue: asyncio.Queue, req, max_tokens: int, **kw) -> None:
-        sampling = self.sampling(req)
         try:
             for c in choices:
-                seed = None if req.seed is None else (req.seed + c.index) % 2**64
-                c.request_id, _ = self.engine.submit(c.prompt, queue=queue, max_tokens=max_tokens, sampling=sampling,
-                                                     stop_token_ids=c.stop_token_ids, seed=seed, **kw)
+                params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
+                                        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                        seed=None if req.seed is None else req.seed + c.index,
+                                        stop_token_ids=sorted(c.stop_token_ids))
+                c.request_id, _ = self.engine.submit(c.prompt, queue=queue, params=params, **kw)
         except Overloaded as e:
             self.abort(choices)
             raise APIError(503, str(e), type="server_overloaded", code="overloaded") from None

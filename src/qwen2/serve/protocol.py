@@ -3,7 +3,7 @@
 Reference: the OpenAI API reference for /v1/chat/completions and /v1/completions (the legacy one:
 `echo` + `logprobs` let lm-evaluation-harness score log-likelihoods). Departures: `logprobs` /
 `top_logprobs` go up to 20 (as vLLM) instead of 5; unknown fields are ignored, not refused, so
-clients that send extras still work; penalties are not implemented and a non-zero value is refused.
+clients that send extras still work.
 
 Every bad request becomes an `APIError`, which the app turns into a 4xx with
 `{"error": {"message", "type", "param", "code"}}`: never FastAPI's 422 shape, never a 500.
@@ -185,7 +185,4 @@ def validate(model: type[BaseModel], body: dict) -> Any:
         err = e.errors()[0]
         param = _param(err["loc"])
         raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param, code=err["type"]) from None
-    if req.presence_penalty or req.frequency_penalty:
-        raise APIError(400, "presence_penalty / frequency_penalty are not supported by this server",
-                       param="presence_penalty" if req.presence_penalty else "frequency_penalty", code="unsupported")
     return req
