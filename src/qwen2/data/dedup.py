@@ -40,6 +40,9 @@ class ExactDedup:
     def __init__(self):
         self.seen: set[bytes] = set()
 
+    def config(self) -> dict:
+        return {}
+
     def __call__(self, text: str) -> bool:
         key = hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).digest()
         if key in self.seen:

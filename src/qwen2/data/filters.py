@@ -165,14 +165,18 @@ def filter_names(filters: Sequence[Callable[[str], bool]]) -> list[str]:
     return names
 
 
-def describe(filters: Sequence[Callable[[str], bool]]) -> list[dict]:
-    """Filters' names and settings, for the report and for a preparation's fingerprint."""
+def describe(steps: Sequence[Callable[[str], bool]]) -> list[dict]:
+    """Filters' (or deduplicators') names and settings, for the report and a preparation's fingerprint:
+    a step's `config()` if it has one, else its dataclass fields, else its qualified name."""
     out = []
-    for n, f in zip(filter_names(filters), filters):
-        try:
-            params = {k: v for k, v in asdict(f).items() if k != "name"}
-        except TypeError:  # not a dataclass: a plain function
-            params = {"callable": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"}
+    for n, f in zip(filter_names(steps), steps):
+        if hasattr(f, "config"):
+            params = f.config()
+        else:
+            try:
+                params = {k: v for k, v in asdict(f).items() if k != "name"}
+            except TypeError:  # not a dataclass: a plain function
+                params = {"callable": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"}
         out.append({"name": n, **params})
     return out
 

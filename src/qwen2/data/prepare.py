@@ -58,10 +58,6 @@ def _resolve(steps, default: Callable[[], list], what: str) -> list:
     return steps
 
 
-def _describe_dedup(steps) -> list[dict]:
-    return [{"name": n, **(s.config() if hasattr(s, "config") else {})} for n, s in zip(filter_names(steps), steps)]
-
-
 def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="default", dedup="default", *,
                    shard_tokens: int = 1 << 24, batch_docs: int = 256, progress: bool = True,
                    overwrite: bool = False) -> dict:
@@ -72,7 +68,8 @@ def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="defa
               {name: paths | Source}; see corpus.py
     tokenizer: anything with `encode(text)`, `encode_batch(texts)` and `endoftext_id`
     filters:  "default" (filters.default_filters()), a list of callables text -> bool, or None
-    dedup:    "default" (exact, then MinHash at Jaccard 0.8), a list of such stateful callables, or None
+    dedup:    "default" (exact, then MinHash at Jaccard 0.8), a list of such stateful callables (fresh ones:
+              they remember every document they kept), or None
     """
     sources = as_sources(sources)
     filters = _resolve(filters, default_filters, "filters")
@@ -86,7 +83,7 @@ def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="defa
         "sources": [{"name": s.name, "kind": s.kind, "weight": s.weight, "text_field": s.text_field,
                      "max_chars": s.max_chars, "files": len(files[s.name]), "files_digest": _files_digest(files[s.name])}
                     for s in sources],
-        "filters": describe(filters), "dedup": _describe_dedup(dedup),
+        "filters": describe(filters), "dedup": describe(dedup),
         "tokenizer": tokenizer_fingerprint(tokenizer), "shard_tokens": shard_tokens,
     }
     cached = _cached_report(out_dir, fingerprint) if not overwrite else None
