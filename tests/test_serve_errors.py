@@ -1,0 +1,186 @@
+"""Bad input never takes the server down: each class gets a 4xx with OpenAI's error body (never
+FastAPI's 422 shape, never a 500), and a canary request right after proves the server still serves.
+Also: API keys (401), overload (fast 503), and a client that disconnects mid-stream frees its cache."""
+
+import asyncio
+import json
+import time
+
+import httpx2
+import openai
+import pytest
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def srv(start_server):
+    return start_server(max_body_bytes=64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60,
+                         _strict_response_validation=True)
+
+
+def canary(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "still there?"}],
+                                       max_tokens=2, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+
+
+def assert_openai_error(resp: httpx2.Response, status: int, param: str | None = "?"):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param != "?":
+        assert body["error"]["param"] == param, body
+
+
+def post(srv, path, body, **headers):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx2.post(srv.url + path, content=content, headers={"content-type": "application/json", **headers}, timeout=60)
+
+
+RAW = {  # bodies no well-behaved client sends: (path, body, expected param)
+    "malformed json": ("/v1/chat/completions", b'{"model": "tiny", "messages": [', None),
+    "not an object": ("/v1/completions", b"[1, 2, 3]", None),
+    "invalid utf-8": ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', None),
+    "NaN": ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None),
+    "Infinity": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', None),
+    "-Infinity": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": -Infinity}', None),
+    "1e999": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 1e999}', None),
+    "huge integer": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", None),
+    "deep nesting": ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),
+    "lone surrogate": ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+                       "messages.0.content"),
+    "empty body": ("/v1/chat/completions", b"", None),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW))
+def test_raw_bad_bodies_get_400(srv, client, case):
+    path, body, param = RAW[case]
+    resp = post(srv, path, body)
+    want = 413 if len(body) > 64 * 1024 else 400
+    assert_openai_error(resp, want, param if want == 400 else "?")
+    canary(client)
+
+
+BAD = {  # (path, body, status, param)
+    "wrong type: max_tokens as string": ("/v1/chat/completions", dict(CHAT, max_tokens="5"), 400, "max_tokens"),
+    "wrong type: messages as object": ("/v1/chat/completions", dict(CHAT, messages={"role": "user"}), 400, "messages"),
+    "wrong type: stream as int": ("/v1/completions", dict(COMPLETION, stream=1), 400, "stream"),
+    "wrong type: prompt as number": ("/v1/completions", dict(COMPLETION, prompt=3.5), 400, "prompt"),
+    "missing model": ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    "empty messages": ("/v1/chat/completions", dict(CHAT, messages=[]), 400, "messages"),
+    "unknown role": ("/v1/chat/completions", dict(CHAT, messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role"),
+    "content of wrong type": ("/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": 5}]), 400, "messages.0.content"),
+    "message not an object": ("/v1/chat/completions", dict(CHAT, messages=["hello"]), 400, "messages.0"),
+    "tool call arguments not JSON": ("/v1/chat/completions", dict(CHAT, messages=[{"role": "user", "content": "x"}, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
+        400, "messages"),
+    "unknown model (chat)": ("/v1/chat/completions", dict(CHAT, model="gpt-4o"), 404, "model"),
+    "unknown model (completions)": ("/v1/completions", dict(COMPLETION, model="davinci"), 404, "model"),
+    "temperature above 2": ("/v1/chat/completions", dict(CHAT, temperature=2.5), 400, "temperature"),
+    "negative temperature": ("/v1/completions", dict(COMPLETION, temperature=-0.1), 400, "temperature"),
+    "top_p 0": ("/v1/completions", dict(COMPLETION, top_p=0), 400, "top_p"),
+    "n 0": ("/v1/chat/completions", dict(CHAT, n=0), 400, "n"),
+    "n 1000": ("/v1/chat/completions", dict(CHAT, n=1000), 400, "n"),
+    "max_tokens 0 in chat": ("/v1/chat/completions", dict(CHAT, max_tokens=0), 400, "max_tokens"),
+    "negative max_tokens": ("/v1/completions", dict(COMPLETION, max_tokens=-1), 400, "max_tokens"),
+    "top_logprobs 50": ("/v1/chat/completions", dict(CHAT, logprobs=True, top_logprobs=50), 400, "top_logprobs"),
+    "top_logprobs without logprobs": ("/v1/chat/completions", dict(CHAT, top_logprobs=2), 400, "top_logprobs"),
+    "logprobs 21": ("/v1/completions", dict(COMPLETION, logprobs=21), 400, "logprobs"),
+    "presence_penalty 3": ("/v1/chat/completions", dict(CHAT, presence_penalty=3), 400, "presence_penalty"),
+    "five stop strings": ("/v1/completions", dict(COMPLETION, stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    "empty stop string": ("/v1/completions", dict(COMPLETION, stop=""), 400, "stop"),
+    "seed too large": ("/v1/completions", dict(COMPLETION, seed=2**64), 400, "seed"),
+    "max_tokens over the context": ("/v1/completions", dict(COMPLETION, max_tokens=5000), 400, "max_tokens"),
+    "prompt over the context": ("/v1/completions", dict(COMPLETION, prompt=[1] * 2100, max_tokens=1), 400, "max_tokens"),
+    "chat over the context": ("/v1/chat/completions", dict(CHAT, max_completion_tokens=2040), 400, "max_completion_tokens"),
+    "token id past the vocabulary": ("/v1/completions", dict(COMPLETION, prompt=[1, 151646]), 400, "prompt"),
+    "negative token id": ("/v1/completions", dict(COMPLETION, prompt=[[5], [-1]]), 400, "prompt.1"),
+    "token id over int64": ("/v1/completions", dict(COMPLETION, prompt=[2**70]), 400, "prompt"),
+    "empty prompt": ("/v1/completions", dict(COMPLETION, prompt=[]), 400, "prompt"),
+    "empty list of prompts": ("/v1/completions", dict(COMPLETION, prompt=[[]]), 400, "prompt"),
+    "body over the size limit": ("/v1/completions", dict(COMPLETION, prompt="x" * 70_000), 413, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_openai_errors(srv, client, case):
+    path, body, status, param = BAD[case]
+    resp = post(srv, path, body)
+    assert_openai_error(resp, status, param)
+    canary(client)
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=9)
+    assert e.value.body["param"] == "temperature"
+    canary(client)
+
+
+def test_unknown_routes_and_methods(srv, client):
+    assert_openai_error(httpx2.get(srv.url + "/v1/nothing"), 404)
+    assert_openai_error(httpx2.get(srv.url + "/v1/chat/completions"), 405)
+    assert_openai_error(httpx2.get(srv.url + "/v1/models/other"), 404, "model")
+    canary(client)
+
+
+def test_api_key(start_server):
+    s = start_server(api_key="sekret")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert_openai_error(post(s, "/v1/chat/completions", CHAT), 401)  # no key at all
+    assert_openai_error(post(s, "/v1/completions", COMPLETION, authorization="Bearer wrong"), 401)
+    good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0, _strict_response_validation=True)
+    canary(good)
+    assert httpx2.get(s.url + "/health").status_code == 200  # health checks need no key
+
+
+def test_disconnect_mid_stream_frees_the_cache(srv, client):
+    engine = srv.engine
+    with httpx2.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                       json=dict(CHAT, max_tokens=1500, temperature=0, stream=True)) as resp:
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few events: the request is running
+        assert any(line.startswith("data: ") for line in got)
+        assert engine.seqs  # it holds the cache now
+    for _ in range(200):  # the server notices the disconnect, aborts, frees (bounded wait)
+        if not engine.seqs:
+            break
+        time.sleep(0.05)
+    assert not engine.seqs and engine.blocks.num_free == engine.blocks.num_blocks
+    canary(client)
+
+
+def test_overload_gets_a_fast_503_not_a_hang(start_server):
+    s = start_server(max_pending=2)
+    aclient = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+    async def one():
+        t0 = time.perf_counter()
+        try:
+            await aclient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
+                                                  max_tokens=200, temperature=0)
+            return "ok", time.perf_counter() - t0
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and e.body["code"] == "overloaded"
+            return "503", time.perf_counter() - t0
+
+    async def main():
+        return await asyncio.gather(*(one() for _ in range(6)))
+
+    results = asyncio.run(main())
+    assert sorted(r for r, _ in results) == ["503"] * 4 + ["ok"] * 2
+    slowest_ok = max(t for r, t in results if r == "ok")
+    assert all(t < slowest_ok for r, t in results if r == "503")  # refused at once, not after waiting
+    canary(openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0))
