@@ -1,7 +1,8 @@
 """The chat page served at `/`: one HTML file, no external assets, streams replies over SSE.
 
 It posts the conversation to /v1/chat/completions with `stream: true` and appends each delta as it
-arrives (fetch + ReadableStream; EventSource cannot POST). `__MODEL__` is replaced by the served name.
+arrives (fetch + ReadableStream; EventSource cannot POST). Each reply bubble carries data-done and
+data-chunks, which the headless-browser test reads. `__MODEL__` is replaced by the served name.
 An API key, if the server wants one, is typed into the key field and kept in the page only.
 """
 
@@ -26,6 +27,7 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <header><h1>qwen2 &middot; <span id="model">__MODEL__</span></h1>
+  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
   <input id="key" type="password" placeholder="API key (optional)" size="16"></header>
 <div id="log" aria-live="polite"></div>
 <form id="form"><input id="input" autocomplete="off" placeholder="Type a message" required>
@@ -50,12 +52,14 @@ async function ask(text) {
   bubble("user", text);
   const out = bubble("assistant", "");
   out.dataset.done = "false";
+  out.dataset.chunks = "0";
   const headers = {"Content-Type": "application/json"};
   const key = document.getElementById("key").value;
   if (key) headers["Authorization"] = "Bearer " + key;
   try {
     const resp = await fetch("/v1/chat/completions", {method: "POST", headers,
-      body: JSON.stringify({model: MODEL, messages: history, stream: true, max_tokens: 256})});
+      body: JSON.stringify({model: MODEL, messages: history, stream: true, max_tokens: 256,
+                            temperature: Number(document.getElementById("temperature").value)})});
     if (!resp.ok) {
       const err = await resp.json();
       throw new Error(err.error ? err.error.message : resp.statusText);
@@ -73,7 +77,10 @@ async function ask(text) {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const ev = JSON.parse(line.slice(6));
         for (const ch of ev.choices || []) {
-          if (ch.delta && ch.delta.content) out.textContent += ch.delta.content;
+          if (ch.delta && ch.delta.content) {
+            out.textContent += ch.delta.content;
+            out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
+          }
         }
         log.scrollTop = log.scrollHeight;
       }
