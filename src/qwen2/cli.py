@@ -46,8 +46,24 @@ def _add_serve(sub):
     p.set_defaults(func=run)
 
 
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="tokenizer tools: train a Qwen2-style byte-level BPE")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train byte-level BPE (Qwen2's pre-tokenizer) and write a checkpoint's tokenizer files")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILES", help="text files, or directories read recursively")
+    t.add_argument("--vocab-size", type=int, required=True, help="all ids, the 3 control tokens included")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt, tokenizer_config.json")
+
+    def run(a):
+        from qwen2.tokenizer_train import train_tokenizer
+
+        train_tokenizer(a.input, a.vocab_size, a.out)
+
+    t.set_defaults(func=run)
+
+
 # Registered subcommands, in the order `--help` lists them. Add yours here.
-COMMANDS = [_add_info, _add_serve]
+COMMANDS = [_add_info, _add_serve, _add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:
