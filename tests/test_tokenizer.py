@@ -204,6 +204,15 @@ def test_decode_accepts_numpy_and_torch_integers_not_floats(tok):
         tok.encode(None)
 
 
+def test_pickles_for_worker_processes(tok):
+    import pickle
+
+    tok.encode_batch(["a", "b"], num_threads=2)  # creates the thread pool, which must not be pickled
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode("Hello world<|im_end|>", allow_special=True) == tok.encode("Hello world<|im_end|>", allow_special=True)
+    assert clone.encode_batch(["a", "b"], num_threads=2) == [[64], [65]]
+
+
 def test_check_vocab(tok):
     tok.check_vocab(151936)  # Qwen2's padded embedding
     tok.check_vocab(151646)

@@ -252,6 +252,10 @@ class Tokenizer:
         except KeyError:
             raise ValueError(f"{token!r} is not a single token of tokenizer {self.name}") from None
 
+    def __getstate__(self) -> dict:
+        # Picklable for worker processes (data loading): the thread pool stays behind.
+        return {**self.__dict__, "_pool": None, "_pool_size": 0}
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, regular={self._n_regular}, control={len(self._control)})"
 
