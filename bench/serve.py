@@ -1,0 +1,179 @@
+"""Serving throughput and latency: `qwen2 serve` under 1/4/16/64 concurrent streaming clients on
+loopback, against the same requests run one at a time through `qwen2.generate` in this process.
+
+The checkpoint is a random Qwen2-0.5B-shaped model (saved with save_model into a temporary folder,
+with the fixture tokenizer files beside it); prompts are random regular token ids sent as ids, decoded
+greedily with the same stop tokens on both sides, so both do the same work (the script reports how
+many outputs agree). The server runs as its own process (`python -m qwen2.cli serve`), so clients and
+engine do not share an interpreter. Figures: completion tokens/s (all clients, first request sent to
+last token received), time to first token p50/p99, and the ratio to the sequential reference.
+
+    .venv/bin/python bench/serve.py                       # Qwen2-0.5B shape, fp32 (several minutes on 2 cores)
+    .venv/bin/python bench/serve.py --preset tiny --prompt-len 16 --max-tokens 8   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from qwen2.checkpoint import save_model  # noqa: E402
+from qwen2.config import ModelConfig  # noqa: E402
+from qwen2.generate import generate  # noqa: E402
+from qwen2.model import build_model  # noqa: E402
+from qwen2.tokenizer import load_tokenizer  # noqa: E402
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(model, prompts, max_tokens, stop_ids):
+    """One request at a time through qwen2.generate: (tokens/s, ttfts, outputs)."""
+    ttft, outs, n = [], [], 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        start = time.perf_counter()
+        out = []
+        for tok in generate(model, p, max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_ids):
+            if not out:
+                ttft.append(time.perf_counter() - start)
+            out.append(tok)
+        outs.append(out)
+        n += len(out)
+    return n / (time.perf_counter() - t0), ttft, outs
+
+
+async def clients(url: str, prompts, max_tokens: int, concurrency: int):
+    """`concurrency` clients, each streaming its share of `prompts` one after another."""
+    import httpx2
+
+    ttft, tokens, texts = [], 0, {}
+    queue = list(enumerate(prompts))
+
+    async def client(http):
+        nonlocal tokens
+        while queue:
+            i, p = queue.pop(0)
+            body = {"model": "bench", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            start, first, text = time.perf_counter(), None, ""
+            async with http.stream("POST", url + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200, await resp.aread()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev["choices"] and first is None:
+                        first = time.perf_counter() - start
+                    for c in ev["choices"]:
+                        text += c["text"]
+                    if ev.get("usage"):
+                        tokens += ev["usage"]["completion_tokens"]
+            ttft.append(first if first is not None else time.perf_counter() - start)
+            texts[i] = text
+
+    limits = httpx2.Limits(max_connections=concurrency + 4)
+    async with httpx2.AsyncClient(timeout=3600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return tokens / elapsed, ttft, [texts[i] for i in range(len(prompts))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="Qwen2-0.5B")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+    ap.add_argument("--levels", default="1,4,16,64", help="concurrent clients per run")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--min-requests", type=int, default=4, help="requests per level at least (TTFT percentiles)")
+    ap.add_argument("--ref-requests", type=int, default=4, help="requests for the sequential reference")
+    a = ap.parse_args()
+
+    levels = [int(x) for x in a.levels.split(",")]
+    dtype = getattr(torch, a.dtype)
+    config = ModelConfig.preset(a.preset)
+    tok = load_tokenizer(a.tokenizer)
+    if config.vocab_size < len(tok):
+        config = config.replace(vocab_size=151936)
+    stop_ids = [tok.endoftext_id, tok.im_end_id]
+    torch.manual_seed(0)
+    model = build_model(config, dtype=dtype, seed=0).eval()
+    n_req = max(max(levels), a.min_requests)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tok.n_regular, (a.prompt_len,), generator=g).tolist() for _ in range(n_req)]
+    print(f"model: random {a.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {a.dtype}); "
+          f"prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "bench"
+        save_model(model, ckpt)
+        for f in Path(a.tokenizer).iterdir():
+            if f.suffix in (".json", ".txt", ".tiktoken"):
+                shutil.copy(f, ckpt / f.name)
+        port = free_port()
+        cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--port", str(port),
+               "--served-model-name", "bench", "--max-num-seqs", str(max(levels)),
+               "--max-model-len", str(a.prompt_len + a.max_tokens + 8)]
+        server = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            import httpx2
+
+            for _ in range(600):  # bounded wait for the server to load
+                try:
+                    if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx2.HTTPError:
+                    pass
+                if server.poll() is not None:
+                    raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+
+            # Warm-up, untimed: first calls pay one-off costs (allocations, lazy inits) on both sides.
+            reference(model, prompts[:1], 2, stop_ids)
+            asyncio.run(clients(url, prompts[:1], 2, 1))
+            ref_tps, ref_ttft, ref_outs = reference(model, prompts[: a.ref_requests], a.max_tokens, stop_ids)
+            print(f"\nsequential qwen2.generate: {ref_tps:.2f} tok/s, TTFT p50 {pct(ref_ttft, .5) * 1e3:.0f} ms "
+                  f"({a.ref_requests} requests)")
+            ref_texts = [tok.decode([t for t in o if t not in stop_ids and t < len(tok)]) for o in ref_outs]
+            print(f"\n{'clients':>7} {'requests':>8} {'tok/s':>8} {'x seq':>6} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+            for c in levels:
+                reqs = prompts[: max(c, a.min_requests)]
+                tps, ttft, texts = asyncio.run(clients(url, reqs, a.max_tokens, c))
+                same = sum(t == r for t, r in zip(texts, ref_texts))
+                print(f"{c:>7} {len(reqs):>8} {tps:>8.2f} {tps / ref_tps:>6.2f} {pct(ttft, .5) * 1e3:>12.0f} "
+                      f"{pct(ttft, .99) * 1e3:>12.0f}   (outputs equal to generate: {same}/{min(len(texts), len(ref_texts))})")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
