@@ -22,8 +22,10 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _chunk_rows(vocab: int, budget_bytes: int = 64 << 20) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay near `budget_bytes` (64 MiB)."""
+def _chunk_rows(vocab: int, budget_bytes: int = 256 << 20) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay near `budget_bytes` (256 MiB: ~440 rows at
+    Qwen2's 151,936 vocabulary). Each chunk reads the [V, H] weight twice and updates its [V, H]
+    gradient once, so much smaller chunks trade logits memory for weight traffic."""
     return max(16, budget_bytes // (4 * vocab))
 
 
@@ -42,24 +44,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
+        grad_w = None
+        # One workspace for every chunk's logits: a fresh [c, V] tensor per chunk would be a fresh
+        # mapping the kernel zero-fills page by page (as large as the matmul itself on a CPU).
+        buf = torch.empty(min(chunk_rows, n), weight.shape[0], dtype=acc, device=h.device)
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
             hc, tc, vc = h[s:e].to(compute_dtype), safe_t[s:e], valid[s:e]
-            logits = (hc @ w.T).to(acc)  # [c, V] fp32: the only vocabulary-wide tensor, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            logits = buf[: e - s]  # [c, V] fp32: the only vocabulary-wide tensor, one chunk at a time
+            if compute_dtype == acc:
+                torch.mm(hc, w.T, out=logits)
+            else:
+                logits.copy_(hc @ w.T)
             picked = logits.gather(1, tc[:, None]).squeeze(1)
+            m = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(m).exp_()  # in place: exp(logit - max)
+            z = p.sum(dim=-1, keepdim=True)
+            lse = (m + z.log()).squeeze(1)  # [c]
             total += torch.where(vc, lse - picked, 0.0).sum()
             if want_h or want_w:
                 # dCE/dlogits = softmax - onehot, zero on ignored rows; the 1/count comes in backward.
-                g = logits.sub_(lse[:, None]).exp_()
+                g = p.div_(z)
                 g[torch.arange(e - s, device=h.device), tc] -= 1.0
-                g.mul_(vc[:, None])
+                if not bool(vc.all()):
+                    g.mul_(vc[:, None])
                 g = g.to(compute_dtype)
                 if want_h:
                     grad_h[s:e] = (g @ w).to(h.dtype)
                 if want_w:
-                    grad_w.addmm_(g.T.to(acc), hc.to(acc))
+                    if grad_w is None:
+                        grad_w = g.T.to(acc) @ hc.to(acc)
+                    else:
+                        grad_w.addmm_(g.T.to(acc), hc.to(acc))
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None, count)
         ctx.weight_dtype = weight.dtype
         return total / count

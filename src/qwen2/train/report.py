@@ -1,0 +1,168 @@
+"""Training reports: FLOPs and MFU, loss curves and the long-context plot (matplotlib PNG), report.md/json.
+
+FLOPs per token follow the PaLM paper's accounting (Chowdhery et al. 2022, appendix B): 6 N for the
+matmuls of forward + backward, N = every weight matrix a token multiplies (the output layer
+included, the embedding lookup not), plus 12 L H T for attention scores and values (T = sequence
+length, no causal discount). MFU needs a peak: on a GPU we take the data-sheet bf16 dense figure when
+the device is known; on a CPU (no data sheet for a shared virtual machine) we measure the best fp32
+GEMM throughput of this machine in the same process, so MFU reads "share of what a large matmul gets".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qwen2.config import ModelConfig, param_counts
+
+_GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (matmul weights one token touches) + 12 * layers * hidden * seq_len."""
+    pc = param_counts(config)
+    matmul = pc.active - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    matmul -= (2 * config.num_hidden_layers + 1) * config.hidden_size  # RMSNorm weights are not matmuls
+    matmul += config.vocab_size * config.hidden_size  # the output layer is a matmul (tied or not)
+    return 6.0 * matmul + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def peak_flops(device: torch.device | str = "cpu", seconds: float = 1.0) -> float:
+    """FLOP/s a training step could reach at best: a GPU's data-sheet bf16 figure, or on CPU the
+    measured fp32 throughput of a 1024^3 matmul (best of several timed repeats)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in _GPU_PEAK_BF16.items():
+            if key in name:
+                return value
+    key = str(device)
+    if key not in _PEAK_CACHE:
+        n = 1024
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        best, stop = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < stop or best == float("inf"):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t) / 4)
+        _PEAK_CACHE[key] = 2 * n**3 / best
+    return _PEAK_CACHE[key]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+    return out
+
+
+def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training loss") -> Path:
+    """Training loss by step per stage (light) with a running mean, and held-out loss (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    stages = list(dict.fromkeys(r.get("stage", "train") for r in metrics))
+    for i, stage in enumerate(stages):
+        recs = [r for r in metrics if r.get("stage", "train") == stage and "loss" in r]
+        if not recs:
+            continue
+        steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
+        color = f"C{i}"
+        ax.plot(steps, losses, color=color, alpha=0.25, lw=0.8)
+        k = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, j - k):j + 1]) / len(losses[max(0, j - k):j + 1]) for j in range(len(losses))]
+        ax.plot(steps, smooth, color=color, lw=1.8, label=f"{stage} (train)")
+        ev = [r for r in metrics if r.get("stage", "train") == stage and "eval_loss" in r]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o", color=color, ms=4,
+                    label=f"{stage} (held-out)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int | None = None) -> Path:
+    """Held-out loss by position at the long length, after stage 1 and after the long-context stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(before["positions"], before["loss"], "o-", ms=3,
+            label=f"after stage 1 (RoPE base {before['rope_theta']:g})")
+    ax.plot(after["positions"], after["loss"], "o-", ms=3,
+            label=f"after the long-context stage (RoPE base {after['rope_theta']:g})")
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=1)
+        ax.text(train_len, ax.get_ylim()[1], f" stage-1 length {train_len}", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("position in the sequence")
+    ax.set_ylabel("held-out next-token loss (nats)")
+    ax.set_title(f"per-position loss at {after['seq_len']} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra: dict | None = None) -> Path:
+    """report.json (everything) and report.md (for people) in run_dir."""
+    from qwen2.config import atomic_write_text
+
+    run_dir = Path(run_dir)
+    data = {**summary, **(extra or {}), "samples": samples}
+    atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    lines = ["# Pre-training report", ""]
+    for key, label in (("wall_seconds", "wall time (s)"), ("final_loss", "final training loss"),
+                       ("final_eval_loss", "final held-out loss"), ("tokens", "tokens trained"),
+                       ("tokens_per_s", "training tokens/s"), ("mfu", "MFU"), ("params", "parameters"),
+                       ("model", "model")):
+        if key in data:
+            value = data[key]
+            if key == "mfu":
+                value = f"{100 * value:.1f}% (peak {data.get('peak_flops', 0) / 1e9:.0f} GFLOP/s)"
+            elif isinstance(value, float):
+                value = f"{value:.4g}"
+            lines.append(f"- {label}: {value}")
+    for key in ("loss_png", "long_context_png"):
+        if key in data:
+            lines += ["", f"![{key}]({Path(data[key]).name})"]
+    if "long_context" in data:
+        lc = data["long_context"]
+        lines += ["", f"Held-out loss at {lc['seq_len']} tokens: {lc['before']:.3f} after stage 1, "
+                      f"{lc['after']:.3f} after the long-context stage "
+                      f"(positions beyond {lc['train_len']}: {lc['before_tail']:.3f} -> {lc['after_tail']:.3f})."]
+    if samples:
+        lines += ["", "## Samples", ""]
+        for s in samples:
+            lines += [f"Prompt: `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    return run_dir / "report.md"
