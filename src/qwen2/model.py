@@ -138,7 +138,8 @@ class Qwen2(nn.Module):
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.output_weight)
+        # Through the module when there is one, so a quantized lm_head (quantize.py) runs its own kernel.
+        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, positions, cache))
