@@ -62,8 +62,112 @@ def _add_tokenizer(sub):
     t.set_defaults(func=run)
 
 
+def _sampling_flags(p, max_new_tokens: int):
+    p.add_argument("--model", default=None, help="checkpoint directory (default: runs/speedrun/model, the speedrun's output)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint, streaming the text to stdout")
+    p.add_argument("--prompt", default=None, help="the prompt text (default: read stdin)")
+    p.add_argument("--quiet", action="store_true", help="no timing line on stderr")
+    _sampling_flags(p, max_new_tokens=256)
+
+    def run(a):
+        from qwen2.chat_cli import run_generate
+
+        return run_generate(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_chat(sub):
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (ChatML; /reset, /exit)")
+    p.add_argument("--system", default=None, help="system prompt (default: Qwen2-Instruct's 'You are a helpful assistant.')")
+    _sampling_flags(p, max_new_tokens=1024)
+
+    def run(a):
+        from qwen2.chat_cli import run_chat
+
+        return run_chat(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: runs/speedrun/model)")
+    p.add_argument("--out", required=True, help="new directory for the quantized checkpoint")
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    p.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
+    p.add_argument("--no-lm-head", action="store_true", help="keep the output layer in float")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the scales and float layers (default: the checkpoint's)")
+
+    def run(a):
+        from qwen2.chat_cli import run_quantize
+
+        return run_quantize(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="pre-train from a recipe (tokenizer, data, stage 1, long-context stage); torchrun-ready")
+    p.add_argument("--config", help="a flat YAML recipe: `recipe: speedrun|pretrain` plus PretrainConfig fields")
+    p.add_argument("--out", help="run folder (overrides the recipe's `out`)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint")
+
+    def run(a):
+        from qwen2.train.recipes import load_recipe, override, pretrain
+        from qwen2.train.speedrun import pretrain_and_report
+
+        cfg = load_recipe(a.config) if a.config else pretrain()
+        if a.out:
+            cfg = override(cfg, {"out": a.out})
+        report = pretrain_and_report(cfg, resume=not a.no_resume)
+        if report:
+            print(f"model: {report['model']}  report: {cfg.out}/report.md  final loss {report['final_loss']:.3f}")
+
+    p.set_defaults(func=run)
+
+
+def _add_speedrun(sub):
+    p = sub.add_parser("speedrun", help="train a tokenizer and a small Qwen2 on a CPU in a time budget, with a report")
+    p.add_argument("--minutes", type=float, default=30.0, help="time budget for the whole run (default 30)")
+    p.add_argument("--out", default="runs/speedrun", help="run folder; the model goes to OUT/model (default runs/speedrun)")
+    p.add_argument("--corpus", help="a folder of text / JSONL / parquet to train on (default: the Python standard library)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint")
+
+    def run(a):
+        from qwen2.train.speedrun import speedrun
+
+        if a.minutes <= 0:
+            raise ValueError(f"--minutes must be positive, got {a.minutes}")
+        report = speedrun(a.minutes, a.out, a.corpus, resume=not a.no_resume)
+        if report:
+            print(f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final loss {report['final_loss']:.3f}, "
+                  f"{report['tokens_per_s']:.0f} tokens/s, MFU {100 * report['mfu']:.1f}%")
+            print(f"model: {report['model']}  report: {a.out}/report.md  loss curve: {report['loss_png']}")
+            print("try: qwen2 generate 'def main():'")
+
+    p.set_defaults(func=run)
+
+
 # Registered subcommands, in the order `--help` lists them. Add yours here.
-COMMANDS = [_add_info, _add_serve, _add_tokenizer]
+COMMANDS = [_add_info, _add_generate, _add_chat, _add_quantize, _add_serve, _add_tokenizer, _add_pretrain, _add_speedrun]
 
 
 def build_parser() -> argparse.ArgumentParser:
