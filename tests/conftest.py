@@ -39,8 +39,9 @@ def tiny_chat_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tiny_chat_checkpoint):
-    """start_server(api_key=None, engine_kwargs={}, **create_app limits) -> a running server on
-    127.0.0.1 and a free port (attributes: url, engine, model, tokenizer); all stop at session end."""
+    """start_server(api_key=None, engine_kwargs={}, model=the tiny checkpoint's, **create_app limits) -> a
+    running server on 127.0.0.1 and a free port (attributes: url, engine, model, tokenizer); all stop at
+    session end."""
     import socket
     import threading
     import time
@@ -57,7 +58,7 @@ def start_server(tiny_chat_checkpoint):
     tokenizer = load_tokenizer(tiny_chat_checkpoint)
     running = []
 
-    def start(api_key=None, engine_kwargs=None, **limits):
+    def start(api_key=None, engine_kwargs=None, model=model, **limits):
         engine = Engine(model, **(engine_kwargs or {}))
         app = create_app(engine, tokenizer, model_name="tiny", api_key=api_key, **limits)
         sock = socket.socket()
