@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from qwen2.data import ShardSet, ShardWriter, write_shards
-from qwen2.data.shards import MANIFEST, atomic_open
+from qwen2.data.shards import MANIFEST
+from qwen2.files import atomic_open
 
 
 def random_docs(n=50, seed=0):

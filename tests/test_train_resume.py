@@ -79,7 +79,7 @@ def test_sigkill_during_saves_and_at_random_moments_resumes_bit_identically(tmp_
     assert any(n.startswith(".tmp-") for n in leftovers), leftovers
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]  # the partial one is not a checkpoint
     # 2. resumed from step 2, killed after everything of a save is written and fsynced but before the rename
-    assert _run(run, data_dir, kill_at="_fsync_tree:2") == -signal.SIGKILL
+    assert _run(run, data_dir, kill_at="fsync_tree:2") == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
     # 3. resumed, then killed by the parent at random moments until a run completes
     rnd = random.Random(0)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from qwen2.config import ModelConfig, atomic_write_text
+from qwen2.config import ModelConfig
+from qwen2.files import atomic_path, atomic_write_text
 from qwen2.model import Qwen2
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -171,11 +172,8 @@ def _parse_size(size: int | str) -> int:
 def _write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def save_model(model: Qwen2, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:

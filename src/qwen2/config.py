@@ -13,11 +13,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qwen2.files import atomic_write_text
 
 ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
 
@@ -215,19 +216,6 @@ class ModelConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**PRESETS[key])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _isinstance(value, hint) -> bool:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from qwen2.chat import QWEN2_CHAT_TEMPLATE
+from qwen2.files import atomic_write_text
 from qwen2.tokenizer import CONTROL_TOKENS, ENDOFTEXT, QWEN2_PATTERN, Tokenizer, bytes_to_unicode, load_tokenizer
 
 
@@ -113,15 +113,6 @@ def derive_merges(ranks: dict[bytes, int], progress: bool = False) -> tuple[dict
     return kept, merges
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_tokenizer_files(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], out_dir: Path, model_max_length: int = 32768) -> None:
     """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json (each to a temporary name, then renamed)."""
     from tokenizers import AddedToken, decoders, models, normalizers, processors
@@ -159,10 +150,10 @@ def save_tokenizer_files(ranks: dict[bytes, int], merges: list[tuple[bytes, byte
         "unk_token": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "tokenizer.json", hf.to_str(pretty=False))
-    _write_atomic(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_atomic(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merge_pairs))
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
+    atomic_write_text(out_dir / "tokenizer.json", hf.to_str(pretty=False))
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merge_pairs))
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
 
 
 def train_tokenizer(

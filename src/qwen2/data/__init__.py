@@ -21,7 +21,7 @@ _EXPORTS = {
     "Length": "filters", "SymbolRatio": "filters", "DigitRatio": "filters", "LineRepetition": "filters",
     "NGramRepetition": "filters", "default_filters": "filters", "apply_filters": "filters", "FilterStats": "filters",
     "ExactDedup": "dedup", "MinHash": "dedup", "MinHashDedup": "dedup", "default_dedup": "dedup", "normalize": "dedup",
-    "ShardWriter": "shards", "ShardSet": "shards", "write_shards": "shards", "atomic_open": "shards",
+    "ShardWriter": "shards", "ShardSet": "shards", "write_shards": "shards",
     "Mixture": "mixture",
     "PackedLoader": "loader",
     "prepare_corpus": "prepare", "open_corpus": "prepare",

@@ -244,6 +244,6 @@ def export(model, tok_dir: Path, out: Path) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    from qwen2.config import atomic_write_text
+    from qwen2.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

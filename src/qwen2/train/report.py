@@ -135,7 +135,7 @@ def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int
 
 def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra: dict | None = None) -> Path:
     """report.json (everything) and report.md (for people) in run_dir."""
-    from qwen2.config import atomic_write_text
+    from qwen2.files import atomic_write_text
 
     run_dir = Path(run_dir)
     data = {**summary, **(extra or {}), "samples": samples}

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qwen2.files import fsync_dir, fsync_tree
+
 PREFIX = "step_"
 
 
@@ -101,22 +103,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def _fsync_tree(folder: Path) -> None:
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -200,7 +186,7 @@ def save_checkpoint(trainer, loader) -> Path | None:
         info = {"step": trainer.step, "stage": trainer.stage, "stage_start": trainer.stage_start,
                 "tokens": trainer.tokens, "world_size": trainer.world, "meta": trainer.meta}
         (tmp / "trainer.json").write_text(json.dumps(info, indent=2))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved twice (end of a stage after a resume): replace it
             old = root / f".trash-{name}-{os.getpid()}"
             os.rename(final, old)
@@ -208,7 +194,7 @@ def save_checkpoint(trainer, loader) -> Path | None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         keep = trainer.cfg.keep_last
         for old in list_checkpoints(trainer.run_dir)[:-keep] if keep > 0 else []:
             trash = root / f".trash-{old.name}"
@@ -267,6 +253,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(line)
-    from qwen2.config import atomic_write_text
+    from qwen2.files import atomic_write_text
 
     atomic_write_text(path, "".join(k + "\n" for k in keep))
