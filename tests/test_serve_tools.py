@@ -79,3 +79,17 @@ def test_without_tools_the_same_text_is_plain_content(client, srv):
     prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True, tools=TOOLS)[0]
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=64, temperature=0)
     assert r.choices[0].text == REPLY and r.choices[0].finish_reason == "stop"
+
+
+def test_ignore_eos_generates_through_the_stop_token(client, srv):
+    # The trained reply ends with <|im_end|>: normally the request stops there; with vLLM's
+    # `ignore_eos` it runs to max_tokens, the stop token's text included.
+    tok = srv.tokenizer
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True, tools=TOOLS)[0]
+    n = len(tok.encode(REPLY)) + 5
+    normal = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+    assert normal.usage.completion_tokens == len(tok.encode(REPLY)) + 1 and normal.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    want = list(generate(srv.model, prompt, max_new_tokens=n, temperature=0.0))  # no stop tokens at all
+    assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == tok.decode(want) and r.choices[0].text.startswith(REPLY + "<|im_end|>")

@@ -96,7 +96,7 @@ class Server:
                 params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                         seed=None if req.seed is None else req.seed + c.index,
-                                        stop_token_ids=sorted(c.stop_token_ids))
+                                        stop_token_ids=[] if req.ignore_eos else sorted(c.stop_token_ids))
                 c.request_id, _ = self.engine.submit(c.prompt, queue=queue, params=params, **kw)
         except Overloaded as e:
             self.abort(choices)

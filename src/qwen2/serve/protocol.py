@@ -3,7 +3,8 @@
 Reference: the OpenAI API reference for /v1/chat/completions and /v1/completions (the legacy one:
 `echo` + `logprobs` let lm-evaluation-harness score log-likelihoods). Departures: `logprobs` /
 `top_logprobs` go up to 20 (as vLLM) instead of 5; unknown fields are ignored, not refused, so
-clients that send extras still work.
+clients that send extras still work; `ignore_eos` (vLLM's extension, sent with the openai client's
+`extra_body`) generates through stop tokens, for fixed-length benchmarks and tests.
 
 Every bad request becomes an `APIError`, which the app turns into a 4xx with
 `{"error": {"message", "type", "param", "code"}}`: never FastAPI's 422 shape, never a 500.
@@ -137,6 +138,7 @@ class _Common(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: do not stop at <|endoftext|> / <|im_end|>
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
