@@ -158,10 +158,15 @@ def _add_speedrun(sub):
             raise ValueError(f"--minutes must be positive, got {a.minutes}")
         report = speedrun(a.minutes, a.out, a.corpus, resume=not a.no_resume)
         if report:
-            print(f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final loss {report['final_loss']:.3f}, "
-                  f"{report['tokens_per_s']:.0f} tokens/s, MFU {100 * report['mfu']:.1f}%")
+            from pathlib import Path
+
+            from qwen2.chat_cli import DEFAULT_MODEL
+
+            print(f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final held-out loss "
+                  f"{report['final_eval_loss']:.3f}, {report['tokens_per_s']:.0f} tokens/s, MFU {100 * report['mfu']:.1f}%")
             print(f"model: {report['model']}  report: {a.out}/report.md  loss curve: {report['loss_png']}")
-            print("try: qwen2 generate 'def main():'")
+            same = Path(report["model"]).resolve() == Path(DEFAULT_MODEL).resolve()
+            print("try: qwen2 generate --prompt 'def main():'" + ("" if same else f" --model {report['model']}"))
 
     p.set_defaults(func=run)
 

@@ -38,7 +38,8 @@ def tokenizer_fingerprint(tok) -> dict:
             "probe": hashlib.sha256(json.dumps(list(tok.encode(_PROBE))).encode()).hexdigest()[:16]}
 
 
-def _files_digest(files: Sequence[Path]) -> str:
+def files_digest(files: Sequence[Path]) -> str:
+    """A short hash of the files' paths, sizes and modification times: changes when any of them does."""
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -81,7 +82,7 @@ def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="defa
     files = {s.name: s.files() for s in sources}
     fingerprint = {
         "sources": [{"name": s.name, "kind": s.kind, "weight": s.weight, "text_field": s.text_field,
-                     "max_chars": s.max_chars, "files": len(files[s.name]), "files_digest": _files_digest(files[s.name])}
+                     "max_chars": s.max_chars, "files": len(files[s.name]), "files_digest": files_digest(files[s.name])}
                     for s in sources],
         "filters": describe(filters), "dedup": describe(dedup),
         "tokenizer": tokenizer_fingerprint(tokenizer), "shard_tokens": shard_tokens,
@@ -116,15 +117,16 @@ def _prepare_source(source: Source, files: list[Path], tok, shard_dir: Path, ste
             yield doc
 
     meta = {"endoftext_id": int(tok.endoftext_id), "tokenizer": tok_fp, "source": source.name}
-    tokens, batch = 0, []
+    tokens, kept, batch = 0, 0, []
     with ShardWriter(shard_dir, shard_tokens, meta) as writer:
         def flush():
-            nonlocal tokens
+            nonlocal tokens, kept
             for ids in tok.encode_batch(batch):
                 writer.add(ids)
                 tokens += len(ids)
+            kept += len(batch)
             batch.clear()
-            bar.set_postfix(kept=writer.n_docs + len(batch), tokens=tokens, refresh=False)
+            bar.set_postfix(docs=kept, tokens=tokens, refresh=False)
 
         for doc in apply_filters(read(), steps, stats):
             batch.append(doc.text)

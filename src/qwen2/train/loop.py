@@ -281,18 +281,26 @@ class Trainer:
         return {f"eval_{k}": v / max(n, 1) for k, v in self._mean_over_ranks(sums).items()}
 
     # -- a stage --
-    def fit(self, objective, loader, *, end_step: int, eval_batches=None, on_step=None, desc: str | None = None) -> dict:
+    def fit(self, objective, loader, *, end_step: int | None, eval_batches=None, on_step=None,
+            desc: str | None = None) -> dict:
         """Train until the global step reaches `end_step`. `loader` yields micro-batches and has
         state_dict()/load_state_dict(); `eval_batches()` returns held-out batches; `on_step(trainer,
-        metrics)` runs after each step (time budgets). Checkpoints every cfg.ckpt_every steps and at the end."""
+        metrics)` runs after each step and may fix the end (an int) or end the stage now (False): a
+        time budget, which starts with `end_step=None` (open-ended, the schedule's decay not yet placed).
+        Checkpoints every cfg.ckpt_every steps and at the end."""
         from tqdm import tqdm
 
         from qwen2.train.state import save_checkpoint
 
+        if end_step is None and on_step is None:
+            raise ValueError("Trainer.fit: end_step=None needs an on_step that fixes the end")
         cfg = self.cfg
+        open_end = 10**12  # no end yet: lr_at sees a schedule too long to decay
+        end_step = open_end if end_step is None else end_step
         total = end_step - self.stage_start
         it = iter(loader)
-        bar = tqdm(total=end_step, initial=self.step, desc=desc or self.stage, disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(total=None if end_step == open_end else end_step, initial=self.step, desc=desc or self.stage,
+                   disable=not self.is_main, dynamic_ncols=True)
         last: dict = {}
         while self.step < end_step:
             t0 = time.perf_counter()
@@ -315,6 +323,7 @@ class Trainer:
                     new_end = self.step
                 if isinstance(new_end, int) and not isinstance(new_end, bool):
                     end_step, total, bar.total = new_end, new_end - self.stage_start, new_end
+                    bar.refresh()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end_step:
                 save_checkpoint(self, loader)
         bar.close()

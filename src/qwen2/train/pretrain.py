@@ -66,14 +66,34 @@ def _thin(files: list[Path], mb: float) -> list[Path]:
 
 def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> Path:
     """An existing tokenizer folder, or a byte-level BPE trained on (a slice of) the corpus into run_dir/tokenizer."""
+    from qwen2.data.prepare import files_digest
+
     if cfg.tokenizer:
         return Path(cfg.tokenizer)
-    out = run_dir / "tokenizer"
-    if not (out / "tokenizer.json").is_file():
+    out, text = run_dir / "tokenizer", _thin(files, cfg.tokenizer_max_mb)
+    made_from = {"files": len(text), "digest": files_digest(text), "vocab": cfg.tokenizer_vocab}
+    stamp = run_dir / "tokenizer_source.json"  # what the cached tokenizer was trained on
+    if not (out / "tokenizer.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made_from:
         from qwen2.tokenizer_train import train_tokenizer
 
-        train_tokenizer(_thin(files, cfg.tokenizer_max_mb), cfg.tokenizer_vocab, out)
+        stamp.unlink(missing_ok=True)
+        train_tokenizer(text, cfg.tokenizer_vocab, out)
+        _write_json(stamp, made_from)
     return out
+
+
+# What a run writes besides its caches (tokenizer/, data/): removed by a fresh start (--no-resume).
+RUN_OUTPUTS = ("checkpoints", "model", "tensorboard", "metrics.jsonl", "summary.json", "long_context_before.json",
+               "long_context_after.json", "report.json", "report.md", "loss.png", "long_context.png")
+
+
+def clear_run(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def prepare_data(cfg: PretrainConfig, tok, run_dir: Path, files: list[Path]):
@@ -98,7 +118,7 @@ def long_mixture(cfg: PretrainConfig, train):
 
 
 @torch.no_grad()
-def per_position_loss(model, val, seq_len: int, rows: int = 8, bins: int = 32) -> dict:
+def per_position_loss(model, val, seq_len: int, rows: int = 32, bins: int = 32) -> dict:
     """Mean held-out next-token loss by position (in `bins` equal buckets) over `rows` rows of `seq_len`."""
     from qwen2.data import PackedLoader
 
@@ -123,28 +143,30 @@ def set_rope_theta(model, theta: float) -> None:
 
 
 class _Budget:
-    """Turns the time left into a stage's step count after `calib` measured steps (stored in trainer.meta)."""
+    """A stage's time budget, as `Trainer.fit`'s on_step: measures the step time for the first tenth
+    of the budget (at least `calib` steps after the first, which pays one-off costs), then fixes the
+    stage's step count, and so its cosine decay, in trainer.meta["plan"] (kept in checkpoints). If
+    the machine then slows down, the stage ends at the deadline instead of overrunning the budget."""
 
     def __init__(self, key: str, seconds: float, calib: int):
-        self.key, self.seconds, self.calib, self.start = key, seconds, calib, None
+        self.key, self.seconds, self.calib = key, seconds, calib
+        self.t0, self.first = time.perf_counter(), None
 
     def __call__(self, trainer, metrics):
         plan = trainer.meta.setdefault("plan", {})
         now = time.perf_counter()
-        if self.start is None:  # the first step pays one-off costs: measure from its end
-            self.start = (trainer.step, now)
+        if now - self.t0 >= self.seconds:  # out of time: end the stage here, and say so in the plan
+            plan[self.key] = trainer.step
+            return False
+        if self.first is None:
+            self.first = (trainer.step, now)
             return None
-        done = trainer.step - self.start[0]
-        if self.key not in plan and done >= self.calib:
-            per_step = (now - self.start[1]) / done
-            left = self.seconds - (now - self._t0)
-            plan[self.key] = trainer.step + max(1, int(0.95 * left / per_step))
+        done = trainer.step - self.first[0]
+        if self.key not in plan and done >= self.calib and now - self.t0 >= 0.1 * self.seconds:
+            per_step = (now - self.first[1]) / done
+            plan[self.key] = trainer.step + max(1, int(0.97 * (self.seconds - (now - self.t0)) / per_step))
             return plan[self.key]
         return None
-
-    def begin(self):
-        self._t0 = time.perf_counter()
-        return self
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
@@ -159,6 +181,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     files = corpus_files(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            clear_run(run_dir)
         tok_dir = prepare_tokenizer(cfg, run_dir, files)
     _barrier()
     tok_dir = prepare_tokenizer(cfg, run_dir, files) if rank else tok_dir
@@ -178,29 +202,41 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed)
     long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank, world, seed=cfg.seed)
     ckpt = latest_checkpoint(run_dir) if resume else None
-    stage = read_trainer_info(ckpt)["stage"] if ckpt else "pretrain"
-    if ckpt is not None and stage == "long":
+    info = read_trainer_info(ckpt) if ckpt else {"stage": "pretrain", "step": 0, "meta": {}}
+    stage, plan = info["stage"], info.get("meta", {}).get("plan", {})
+    if stage == "long" and info["step"] >= plan.get("long", float("inf")) and (run_dir / "summary.json").is_file():
+        if rank == 0:
+            print(f"{run_dir} holds a finished run (step {info['step']}): writing its report again; "
+                  f"pass --no-resume (or another --out) to train from scratch")
+        trainer.close()
+        return json.loads((run_dir / "summary.json").read_text()) if rank == 0 else {}
+    if stage == "long":
         set_rope_theta(model, cfg.long_rope_theta)
         trainer.cfg = cfg.train_config("long")
     if ckpt is not None:
         load_checkpoint(trainer, long_loader if stage == "long" else loader, ckpt)
         if rank == 0:
-            print(f"resumed from {ckpt} (step {trainer.step}, stage {stage})")
+            print(f"resuming {run_dir} from {ckpt.name} (stage {stage}); --no-resume starts over")
     plan = trainer.meta.setdefault("plan", {})
-    reserve = max(20.0, 0.04 * cfg.minutes * 60)
+    # Time kept back for what follows training: per-position losses, export, report and samples.
+    reserve = max(20.0, 0.03 * cfg.minutes * 60)
 
     def eval_batches(data, seq_len, bs):
         return lambda: [b for _, b in zip(range(cfg.eval_batches), PackedLoader(data, seq_len, bs, rank, world, seed=0, shuffle=False))]
 
+    def stage_end(key: str, share: float, calib: int, fixed_end: int):
+        """(end_step, on_step): the planned end, or open-ended under a time budget, or `fixed_end`."""
+        if key in plan:
+            return plan[key], None
+        if not cfg.minutes:
+            plan[key] = fixed_end
+            return fixed_end, None
+        left = cfg.minutes * 60 - (time.perf_counter() - t0) - reserve
+        return None, _Budget(key, max(1.0, left * share), calib)
+
     # ---- stage 1 ----
     if stage == "pretrain":
-        budget = None
-        if cfg.minutes and "pretrain" not in plan:
-            left = cfg.minutes * 60 - (time.perf_counter() - t0) - reserve
-            budget = _Budget("pretrain", max(1.0, left * (1 - cfg.long_fraction)), calib=min(3, cfg.warmup_steps)).begin()
-        end = plan.get("pretrain", 10**9 if budget else cfg.steps)
-        if budget is None:
-            plan["pretrain"] = end
+        end, budget = stage_end("pretrain", 1 - cfg.long_fraction, min(3, cfg.warmup_steps), cfg.steps)
         trainer.fit(next_token_loss, loader, end_step=end, on_step=budget,
                     eval_batches=eval_batches(val, cfg.seq_len, cfg.batch_size), desc="pretrain")
         plain = gather_model(trainer)
@@ -209,13 +245,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         # ---- switch to the long-context stage ----
         set_rope_theta(model, cfg.long_rope_theta)
         trainer.cfg, trainer.stage, trainer.stage_start = cfg.train_config("long"), "long", trainer.step
-    budget = None
-    if cfg.minutes and "long" not in plan:
-        left = cfg.minutes * 60 - (time.perf_counter() - t0) - reserve
-        budget = _Budget("long", max(1.0, left), calib=min(2, cfg.long_warmup_steps)).begin()
-    end = plan.get("long", 10**9 if budget else trainer.stage_start + cfg.long_steps)
-    if budget is None:
-        plan["long"] = end
+    end, budget = stage_end("long", 1.0, min(2, cfg.long_warmup_steps), trainer.stage_start + cfg.long_steps)
     last = trainer.fit(next_token_loss, long_loader, end_step=end, on_step=budget,
                        eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size), desc="long-context")
     summary = {}

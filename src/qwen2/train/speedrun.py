@@ -34,10 +34,11 @@ def pretrain_and_report(cfg: PretrainConfig, resume: bool = True) -> dict:
     summary = run_pretrain(cfg, resume=resume)
     if not summary:  # ranks > 0
         return {}
-    return make_report(cfg, summary, time.perf_counter() - t0)
+    return make_report(cfg, summary, t0)
 
 
-def make_report(cfg: PretrainConfig, summary: dict, wall: float) -> dict:
+def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
+    """report.{md,json} for a finished run; wall time from `started` (perf_counter) to the report's end."""
     import json
 
     from qwen2.checkpoint import load_model
@@ -69,7 +70,7 @@ def make_report(cfg: PretrainConfig, summary: dict, wall: float) -> dict:
     train_losses = [r["loss"] for r in steps]
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
     report = {
-        "wall_seconds": round(wall, 1), "minutes_budget": cfg.minutes, "model": str(run / "model"),
+        "wall_seconds": None, "minutes_budget": cfg.minutes, "model": str(run / "model"),
         "params": param_counts(model.config).total, "tokens": int(tokens),
         "tokens_per_s": tokens / max(seconds, 1e-9), "mfu": flops / max(seconds, 1e-9) / peak, "peak_flops": peak,
         "final_loss": sum(train_losses[-10:]) / max(1, len(train_losses[-10:])) if train_losses else None,
@@ -80,6 +81,7 @@ def make_report(cfg: PretrainConfig, summary: dict, wall: float) -> dict:
         "steps": summary.get("plan"), "data_seconds": summary.get("data_seconds"),
     }
     samples = generate_samples(model, tok, cfg.samples, cfg.sample_tokens)
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report(run, report, samples)
     report["samples"] = samples
     return report
