@@ -107,25 +107,33 @@ def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training
 
 
 def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int | None = None) -> Path:
-    """Held-out loss by position at the long length, after stage 1 and after the long-context stage."""
+    """Held-out loss by position at the long length after stage 1 and after the long-context stage (top),
+    and their difference (bottom: below zero is better), the positions beyond stage 1's length shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(before["positions"], before["loss"], "o-", ms=3,
-            label=f"after stage 1 (RoPE base {before['rope_theta']:g})")
-    ax.plot(after["positions"], after["loss"], "o-", ms=3,
-            label=f"after the long-context stage (RoPE base {after['rope_theta']:g})")
-    if train_len:
-        ax.axvline(train_len, color="gray", ls="--", lw=1)
-        ax.text(train_len, ax.get_ylim()[1], f" stage-1 length {train_len}", va="top", fontsize=8, color="gray")
-    ax.set_xlabel("position in the sequence")
-    ax.set_ylabel("held-out next-token loss (nats)")
-    ax.set_title(f"per-position loss at {after['seq_len']} tokens")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    pos = before["positions"]
+    ax.plot(pos, before["loss"], "o-", ms=3, color="C0", label=f"after stage 1 (RoPE base {before['rope_theta']:,.0f})")
+    ax.plot(after["positions"], after["loss"], "o-", ms=3, color="C1",
+            label=f"after the long-context stage (RoPE base {after['rope_theta']:,.0f})")
+    diff = [a - b for a, b in zip(after["loss"], before["loss"])]
+    dx.bar(pos, diff, width=0.8 * (pos[1] - pos[0] if len(pos) > 1 else 1),
+           color=["C2" if d < 0 else "C3" for d in diff])
+    dx.axhline(0, color="black", lw=0.8)
+    for axis in (ax, dx):
+        if train_len:
+            axis.axvspan(train_len, after["seq_len"], color="gray", alpha=0.12, lw=0)
+            axis.axvline(train_len, color="gray", ls="--", lw=1)
+        axis.grid(alpha=0.3)
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"Per-position loss at {after['seq_len']} tokens, before and after the long-context stage", pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5, frameon=False)
+    dx.set_ylabel("after - before\n(green: lower loss)")
+    shaded = f"; shaded: beyond stage 1's length, {train_len}" if train_len else ""
+    dx.set_xlabel(f"position in the sequence (bins of {after.get('bin_width', 1)} tokens{shaded})")
     fig.tight_layout()
     png = Path(png)
     fig.savefig(png)
