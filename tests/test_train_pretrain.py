@@ -1,0 +1,145 @@
+"""`qwen2 pretrain --config recipe.yaml` end to end at tiny shapes: tokenizer, data, stage 1, the
+long-context stage, the Hugging Face export (its logits equal in transformers), the report, rerunning a
+finished run and starting over; and `qwen2 speedrun` on a tiny corpus and budget."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from qwen2.cli import main
+
+WORDS = ("the value of each item is returned by the function when called with a list of numbers and a key "
+         "import os sys path self return None True False def class for in if else while try except").split()
+
+
+def _write_corpus(root, n_files=40, seed=0):
+    """Python-like files and prose, a few of them long (for the long-context stage's mixture)."""
+    rng = random.Random(seed)
+    root.mkdir()
+    for i in range(n_files):
+        lines = []
+        for j in range(rng.randint(8, 30) * (12 if i % 8 == 0 else 1)):
+            name = rng.choice(WORDS)
+            lines.append(f"def {name}_{j}(x, y):\n    return x + {j} * y  # {' '.join(rng.choices(WORDS, k=8))}\n")
+        (root / f"f{i}.py").write_text("\n".join(lines))
+    return root
+
+
+RECIPE = """\
+model: test
+tokenizer_vocab: 400
+tokenizer_max_mb: 1.0
+seq_len: 32
+batch_size: 2
+steps: 4
+warmup_steps: 2
+eval_every: 2
+eval_batches: 1
+ckpt_every: 2
+long_seq_len: 64
+long_batch_size: 2
+long_steps: 3
+long_warmup_steps: 1
+long_min_doc_tokens: 64
+samples: 1
+sample_tokens: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    corpus = _write_corpus(tmp / "corpus")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(RECIPE + f"corpus: {corpus}\nout: {tmp / 'run'}\n")
+    torch.set_num_threads(1)
+    assert main(["pretrain", "--config", str(recipe)]) == 0
+    return tmp / "run", recipe
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_both_stages_run_and_every_output_is_written(run):
+    run_dir, _ = run
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json",
+                 "report.md", "report.json", "loss.png", "long_context.png", "summary.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    steps = {(r["stage"], r["step"]) for r in _records(run_dir) if "loss" in r}
+    assert steps == {("pretrain", s) for s in range(1, 5)} | {("long", s) for s in range(5, 8)}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["plan"] == {"pretrain": 4, "long": 7} and summary["steps"] == 7
+    before = json.loads((run_dir / "long_context_before.json").read_text())
+    after = json.loads((run_dir / "long_context_after.json").read_text())
+    assert before["seq_len"] == after["seq_len"] == 64
+    assert (before["rope_theta"], after["rope_theta"]) == (10_000.0, 1_000_000.0)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["samples"] and report["samples"][0]["prompt"] in (run_dir / "report.md").read_text()
+
+
+def test_exported_model_loads_and_its_logits_equal_transformers(run):
+    transformers = pytest.importorskip("transformers")
+    from qwen2.checkpoint import load_model
+    from qwen2.tokenizer import load_tokenizer
+
+    model_dir = run[0] / "model"
+    ours = load_model(model_dir, dtype=torch.float32).eval()
+    assert ours.config.rope_theta == 1_000_000.0 and ours.config.tie_word_embeddings
+    assert ours.config.num_key_value_heads < ours.config.num_attention_heads  # GQA
+    assert ours.model.layers[0].self_attn.q_proj.bias is not None
+    tok = load_tokenizer(model_dir)
+    ids = torch.tensor([tok.encode("def value(x, y):\n    return x + y")])
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rerunning_a_finished_run_says_so_and_trains_nothing(run, capsys):
+    run_dir, recipe = run
+    before = (run_dir / "metrics.jsonl").read_text()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert main(["pretrain", "--config", str(recipe)]) == 0
+    assert "holds a finished run" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
+
+
+def test_no_resume_starts_over(run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run[0], run_dir)
+    # a later checkpoint of the old run must not survive (nor outrank the new run's checkpoints)
+    shutil.copytree(run_dir / "checkpoints" / "step_0000007", run_dir / "checkpoints" / "step_0000099")
+    assert main(["pretrain", "--config", str(run[1]), "--out", str(run_dir), "--no-resume"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000006", "step_0000007"]
+
+    def losses(d):
+        return [(r["stage"], r["step"], r.get("loss"), r.get("eval_loss")) for r in _records(d)]
+
+    assert losses(run_dir) == losses(run[0])  # the same run again, from scratch, logged once
+
+
+def test_bad_recipe_is_one_line_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seq_lenn: 3\n")
+    assert main(["pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field 'seq_lenn'" in err and str(recipe) in err and "Traceback" not in err
+
+
+def test_speedrun_on_a_tiny_corpus_and_budget(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "corpus", n_files=60, seed=1)
+    torch.set_num_threads(1)
+    assert main(["speedrun", "--minutes", "0.4", "--corpus", str(corpus), "--out", str(tmp_path / "sr")]) == 0
+    out = capsys.readouterr().out
+    assert f"--model {tmp_path / 'sr' / 'model'}" in out  # the hint names the model when it is not the default
+    report = json.loads((tmp_path / "sr" / "report.json").read_text())
+    stages = {r["stage"] for r in _records(tmp_path / "sr") if "loss" in r}
+    assert stages == {"pretrain", "long"} and set(report["steps"]) == {"pretrain", "long"}
+    for key in ("loss_png", "long_context_png"):
+        assert (tmp_path / "sr" / report[key].rsplit("/", 1)[-1]).is_file()
+    assert (tmp_path / "sr" / "model" / "tokenizer.json").is_file()
