@@ -28,6 +28,7 @@ PAGE = """<!doctype html>
 <body>
 <header><h1>qwen2 &middot; <span id="model">__MODEL__</span></h1>
   <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
+  <label>max tokens <input id="max-tokens" type="number" min="1" step="1" value="256"></label>
   <input id="key" type="password" placeholder="API key (optional)" size="16"></header>
 <div id="log" aria-live="polite"></div>
 <form id="form"><input id="input" autocomplete="off" placeholder="Type a message" required>
@@ -58,7 +59,8 @@ async function ask(text) {
   if (key) headers["Authorization"] = "Bearer " + key;
   try {
     const resp = await fetch("/v1/chat/completions", {method: "POST", headers,
-      body: JSON.stringify({model: MODEL, messages: history, stream: true, max_tokens: 256,
+      body: JSON.stringify({model: MODEL, messages: history, stream: true,
+                            max_tokens: Number(document.getElementById("max-tokens").value),
                             temperature: Number(document.getElementById("temperature").value)})});
     if (!resp.ok) {
       const err = await resp.json();
