@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py and othe
 @pytest.fixture(scope="session")
 def tiny_chat_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     """The 'tiny' preset widened to Qwen2's vocabulary (151,936 rows), random weights, saved with
-    save_model, with the fixture tokenizer files copied in: a checkpoint `qwen2 serve` can load."""
+    save_model, with the fixture tokenizer files copied in: a checkpoint `qwen2 serve` can load.
+    The output layer is untied: a random tied model repeats the last input token (after a chat
+    prompt, "\n" forever), which would make every text comparison compare newlines."""
     import shutil
 
     from qwen2.checkpoint import save_model
@@ -30,7 +32,7 @@ def tiny_chat_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     from qwen2.model import build_model
 
     path = tmp_path_factory.mktemp("tiny-chat")
-    save_model(build_model(ModelConfig.preset("tiny").replace(vocab_size=151936), seed=0), path)
+    save_model(build_model(ModelConfig.preset("tiny").replace(vocab_size=151936, tie_word_embeddings=False), seed=0), path)
     for f in tokenizer_dir.iterdir():
         if f.suffix in (".json", ".txt", ".tiktoken"):
             shutil.copy(f, path / f.name)
