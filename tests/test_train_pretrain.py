@@ -143,3 +143,12 @@ def test_speedrun_on_a_tiny_corpus_and_budget(tmp_path, capsys):
     for key in ("loss_png", "long_context_png"):
         assert (tmp_path / "sr" / report[key].rsplit("/", 1)[-1]).is_file()
     assert (tmp_path / "sr" / "model" / "tokenizer.json").is_file()
+
+
+def test_missing_plot_dependency_is_reported_before_training(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["speedrun", "--minutes", "1", "--out", str(tmp_path / "sr")]) == 2
+    assert "pip install 'qwen2[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "sr").exists()

@@ -139,7 +139,10 @@ RECIPES = {"pretrain": pretrain, "speedrun": speedrun}
 
 def load_recipe(path: str | Path) -> PretrainConfig:
     """A flat YAML file: `recipe: speedrun` (optional) and PretrainConfig fields to override."""
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"{path}: reading a YAML recipe needs PyYAML: pip install pyyaml") from None
 
     path = Path(path)
     if not path.is_file():

@@ -31,6 +31,10 @@ def pretrain_and_report(cfg: PretrainConfig, resume: bool = True) -> dict:
     from qwen2.train.pretrain import run_pretrain
 
     t0 = time.perf_counter()
+    try:  # checked first: a long run must not fail at its end
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("the report's plots need matplotlib: pip install 'qwen2[plot]'") from None
     summary = run_pretrain(cfg, resume=resume)
     if not summary:  # ranks > 0
         return {}
