@@ -8,9 +8,12 @@ mixture of documents at least `long_min_doc_tokens` long with the ordinary corpu
 carries on. Per-position held-out loss at the long length is measured after each stage
 (`long_context.json`) to show what the long stage buys.
 
-Runs with a fixed number of steps, or within a time budget (`minutes`): after a few calibration
-steps the remaining time fixes each stage's step count (and so its cosine schedule); the plan is
-kept in every checkpoint, so a resumed run follows the same schedule.
+Runs with a fixed number of steps, or within a time budget (`minutes`, everything counted: tokenizer,
+data, both stages, and a reserve for the export and report): the step time measured over the first
+tenth of a stage's share fixes its step count (and so its cosine schedule), and a stage still
+running at its deadline (a machine that slowed down) ends there. The plan is kept in every
+checkpoint, so a resumed run follows the same schedule. `resume=False` clears the run's outputs
+(not the tokenizer and data caches); rerunning a finished run only writes its report again.
 
 The same function runs under torchrun: rank 0 trains the tokenizer and tokenizes, the others wait.
 """
