@@ -153,7 +153,7 @@ def test_time_budget_fixes_the_plan_then_ends_the_stage_at_the_deadline(monkeypa
     monkeypatch.setattr(pretrain.time, "perf_counter", lambda: clock[0])
 
     class T:
-        step, meta = 0, {}
+        step, rank, meta = 0, 0, {}
 
     budget = pretrain._Budget("pretrain", seconds=100.0, calib=3)
     ends = []

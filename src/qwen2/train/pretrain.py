@@ -149,27 +149,38 @@ class _Budget:
     """A stage's time budget, as `Trainer.fit`'s on_step: measures the step time for the first tenth
     of the budget (at least `calib` steps after the first, which pays one-off costs), then fixes the
     stage's step count, and so its cosine decay, in trainer.meta["plan"] (kept in checkpoints). If
-    the machine then slows down, the stage ends at the deadline instead of overrunning the budget."""
+    the machine then slows down, the stage ends at the deadline instead of overrunning the budget.
+    Under torchrun rank 0's clock decides for every rank (they must agree on the step count)."""
 
     def __init__(self, key: str, seconds: float, calib: int):
         self.key, self.seconds, self.calib = key, seconds, calib
         self.t0, self.first = time.perf_counter(), None
 
-    def __call__(self, trainer, metrics):
-        plan = trainer.meta.setdefault("plan", {})
+    def _decide(self, trainer) -> int | None:
+        """The stage's last step (the current one: out of time), or None: no decision this step."""
         now = time.perf_counter()
-        if now - self.t0 >= self.seconds:  # out of time: end the stage here, and say so in the plan
-            plan[self.key] = trainer.step
-            return False
+        if now - self.t0 >= self.seconds:
+            return trainer.step
         if self.first is None:
             self.first = (trainer.step, now)
             return None
         done = trainer.step - self.first[0]
-        if self.key not in plan and done >= self.calib and now - self.t0 >= 0.1 * self.seconds:
+        if self.key not in trainer.meta["plan"] and done >= self.calib and now - self.t0 >= 0.1 * self.seconds:
             per_step = (now - self.first[1]) / done
-            plan[self.key] = trainer.step + max(1, int(0.97 * (self.seconds - (now - self.t0)) / per_step))
-            return plan[self.key]
+            return trainer.step + max(1, int(0.97 * (self.seconds - (now - self.t0)) / per_step))
         return None
+
+    def __call__(self, trainer, metrics):
+        plan = trainer.meta.setdefault("plan", {})
+        end = self._decide(trainer) if trainer.rank == 0 else None
+        if dist.is_initialized():
+            msg = torch.tensor([-1 if end is None else end], dtype=torch.int64, device=trainer.device)
+            dist.broadcast(msg, 0)
+            end = None if int(msg) < 0 else int(msg)
+        if end is None:
+            return None
+        plan[self.key] = end
+        return False if end <= trainer.step else end
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
