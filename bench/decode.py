@@ -1,0 +1,234 @@
+"""Generation speed: prefill and decode tokens/s of ours vs transformers, int8/int4, the roofline, and
+the perplexity change that weight-only quantization costs.
+
+One random Qwen2-0.5B-shaped model (ModelConfig.preset, weights ~ N(0, 0.02)), same run, same weights:
+- prefill: a 512-token prompt through ours (`prefill` into a static KV cache) and transformers (forward
+  with its cache on), tokens/s;
+- decode: greedy, a fixed number of new tokens after that prompt, no stop token. Ours: `qwen2.generate`
+  (decode step compiled with --compile); transformers: `model.generate` (its default dynamic cache), the
+  per-token time taken as (T(N tokens) - T(1 token)) / (N - 1), ours as the decode loop's own (N - 1) steps;
+- fp32 and bf16 for both, int8 and int4 (group 128, output layer quantized too) for ours;
+- roofline: weight bytes one decode step reads (`quantize.weight_bytes_per_token`) / this machine's
+  memory bandwidth, measured in the same run (a sum over a tensor far larger than the caches).
+Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outputs are not uniform: a
+small Qwen2 (hidden 256) trained here for a minute or two on Python standard-library source, over the
+ids that text uses (the real tokenizer's, renumbered), evaluated on other stdlib files.
+
+    .venv/bin/python bench/decode.py [--tokens 64] [--prompt 512] [--threads N] [--compile] [--steps 300]
+    .venv/bin/python bench/decode.py --quick     # a smoke run: small counts, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import hf_twin, table, timeit  # noqa: E402
+
+from qwen2.config import ModelConfig  # noqa: E402
+from qwen2.generate import KVCache, generate, prefill  # noqa: E402
+from qwen2.model import build_model  # noqa: E402
+from qwen2.quantize import quantize_model, weight_bytes_per_token  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeat` sums over a tensor of `gib` GiB (read once each)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / min(times)
+
+
+def ours_decode(model, prompt: list[int], n: int, compile: bool) -> float:
+    """Decode tokens/s of qwen2.generate, greedy, n new tokens: the (n - 1) steps after the first token."""
+    list(generate(model, prompt[:8], 4, temperature=0, compile=compile))  # warm-up (and compile)
+    gen = generate(model, prompt, n, temperature=0, compile=compile)
+    assert len(list(gen)) == n
+    return (n - 1) / gen.decode_seconds
+
+
+def ours_prefill(model, prompt: list[int], repeat: int) -> float:
+    x = torch.tensor([prompt])
+    cache = KVCache(model.config, 1, len(prompt), dtype=model.model.embed_tokens.weight.dtype)
+    return len(prompt) / timeit(lambda: prefill(model, x, cache), repeat=repeat)
+
+
+def hf_speed(hf, prompt: list[int], n: int, repeat: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of transformers: its forward over the prompt (cache on), and
+    `generate`'s (N - 1) steps between the first and the last token, timed by a logits processor that
+    notes when each token is chosen (the span ours measures too)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    x = torch.tensor([prompt])
+    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
+    clock = Clock()
+    with torch.inference_mode():
+        hf.generate(x[:, :8], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        pre = timeit(lambda: hf(x, use_cache=True).logits, repeat=repeat)
+        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw)
+    assert out.shape[1] == len(prompt) + n and len(clock.times) == n
+    return len(prompt) / pre, (n - 1) / (clock.times[-1] - clock.times[0])
+
+
+def speed_rows(args) -> list[dict]:
+    config = ModelConfig.preset("Qwen2-0.5B")
+    if args.quick:  # the real widths (and output layer), fewer layers: a smoke run of the code paths
+        config = config.replace(num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
+    bw = bandwidth(0.25 if args.quick else 1.0)
+    print(f"memory read bandwidth (sum over a large tensor): {bw / 1e9:.1f} GB/s", flush=True)
+    rows, ours_bf16 = [], None
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        model = build_model(config, dtype=dtype).eval()
+        print(f"{name}: ours ...", flush=True)
+        pre, dec = ours_prefill(model, prompt, args.repeat), ours_decode(model, prompt, args.tokens, args.compile)
+        print(f"{name}: transformers ...", flush=True)
+        hf = hf_twin(model)
+        hf_pre, hf_dec = hf_speed(hf, prompt, args.tokens, args.repeat)
+        del hf
+        roof = bw / weight_bytes_per_token(model)
+        rows.append(row(name, pre, hf_pre, dec, hf_dec, roof))
+        if dtype == torch.bfloat16:
+            ours_bf16 = dec
+            for bits in (8, 4):
+                q = quantize_model(copy.deepcopy(model), bits=bits)
+                print(f"int{bits}: ours ...", flush=True)
+                qpre, qdec = ours_prefill(q, prompt, args.repeat), ours_decode(q, prompt, args.tokens, args.compile)
+                rows.append(row(f"int{bits} (bf16 act.)", qpre, None, qdec, None, bw / weight_bytes_per_token(q),
+                                vs_bf16=qdec / ours_bf16))
+                del q
+        del model
+    return rows
+
+
+def row(name, pre, hf_pre, dec, hf_dec, roof, vs_bf16=None) -> dict:
+    return {
+        "weights": name,
+        "prefill ours": f"{pre:.0f}", "prefill hf": f"{hf_pre:.0f}" if hf_pre else "-",
+        "prefill ratio": f"{pre / hf_pre:.2f}x" if hf_pre else "-",
+        "decode ours": f"{dec:.2f}", "decode hf": f"{hf_dec:.2f}" if hf_dec else "-",
+        "decode ratio": f"{dec / hf_dec:.2f}x" if hf_dec else "-",
+        "roofline tok/s": f"{roof:.2f}", "% of roofline": f"{100 * dec / roof:.0f}%",
+        "vs our bf16": f"{vs_bf16:.2f}x" if vs_bf16 else "-",
+    }
+
+
+# ---- perplexity -------------------------------------------------------------------------------------
+def stdlib_ids(tokenizer_dir: Path, chars: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(train ids, held-out ids) of stdlib source text, renumbered to the ids the text uses."""
+    from qwen2.data.corpus import stdlib_dir
+    from qwen2.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    files = sorted(stdlib_dir().glob("*.py"))
+    train, held = [], []
+    for i, f in enumerate(files):
+        (held if i % 10 == 0 else train).append(f.read_text(errors="replace"))
+    train_text, held_text = "\n".join(train)[:chars], "\n".join(held)[: chars // 8]
+    a, b = torch.tensor(tok.encode(train_text)), torch.tensor(tok.encode(held_text))
+    vocab, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
+    return inverse[: len(a)], inverse[len(a):], len(vocab)
+
+
+def trained_model(train: torch.Tensor, vocab: int, steps: int, seq: int = 128, batch: int = 16):
+    config = ModelConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, torch_dtype="float32")
+    model = build_model(config, seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(train) - seq - 1, (batch,), generator=g)
+        x = torch.stack([train[s : s + seq + 1] for s in starts])
+        for group in opt.param_groups:  # linear warm-up, then cosine to 10%
+            w = min(1.0, (step + 1) / max(1, steps // 10))
+            group["lr"] = 3e-3 * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq: int = 256, batch: int = 8) -> float:
+    n = (len(ids) - 1) // seq
+    inputs, targets = ids[: n * seq].view(n, seq), ids[1 : n * seq + 1].view(n, seq)
+    total = 0.0
+    for i in range(0, n, batch):
+        logits = model(inputs[i : i + batch]).float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[i : i + batch].flatten(),
+                                                   reduction="sum").item()
+    return math.exp(total / targets.numel())
+
+
+def ppl_rows(args) -> list[dict]:
+    train, held, vocab = stdlib_ids(ROOT.parent / "shared/fixtures/qwen2-tokenizer", 300_000 if args.quick else 2_000_000)
+    print(f"perplexity: training a small Qwen2 on {len(train)} stdlib tokens ({vocab} distinct ids), "
+          f"{len(held)} held out", flush=True)
+    model = trained_model(train, vocab, args.steps)
+    base = model.to(torch.bfloat16)
+    ref = perplexity(base, held)
+    rows = [{"weights": "bf16", "held-out perplexity": f"{ref:.3f}", "change": "-"}]
+    for bits, group in ((8, None), (4, 128), (4, 32)):
+        q = quantize_model(copy.deepcopy(base), bits=bits, group_size=group or 128)
+        p = perplexity(q, held)
+        rows.append({"weights": f"int{bits}" + (f" g{group}" if group else ""), "held-out perplexity": f"{p:.3f}",
+                     "change": f"{100 * (p / ref - 1):+.2f}%"})
+    print(f"(a uniform model's perplexity would be {vocab})")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt (prefill) tokens")
+    ap.add_argument("--repeat", type=int, default=3, help="prefill timings (median)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the perplexity model")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="our decode step compiled with torch.compile")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 2 layers of 0.5B, 8 tokens, 64-token prompt, 20 training steps")
+    ap.add_argument("--skip-ppl", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.prompt, args.repeat, args.steps = 8, 64, 1, 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode of {args.tokens} tokens after a "
+          f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else ""))
+    rows = speed_rows(args)
+    print(table(rows, list(rows[0])))
+    if not args.skip_ppl:
+        rows = ppl_rows(args)
+        print(table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
