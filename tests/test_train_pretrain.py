@@ -100,10 +100,13 @@ def test_exported_model_loads_and_its_logits_equal_transformers(run):
 def test_rerunning_a_finished_run_says_so_and_trains_nothing(run, capsys):
     run_dir, recipe = run
     before = (run_dir / "metrics.jsonl").read_text()
+    report = json.loads((run_dir / "report.json").read_text())
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert main(["pretrain", "--config", str(recipe)]) == 0
     assert "holds a finished run" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before
+    again = json.loads((run_dir / "report.json").read_text())  # the run's own wall time and peak, not the rerun's
+    assert (again["wall_seconds"], again["peak_flops"], again["mfu"]) == (report["wall_seconds"], report["peak_flops"], report["mfu"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
 
 

@@ -223,7 +223,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
             print(f"{run_dir} holds a finished run (step {info['step']}): writing its report again; "
                   f"pass --no-resume (or another --out) to train from scratch")
         trainer.close()
-        return json.loads((run_dir / "summary.json").read_text()) if rank == 0 else {}
+        return {**json.loads((run_dir / "summary.json").read_text()), "finished_before": True} if rank == 0 else {}
     if stage == "long":
         set_rope_theta(model, cfg.long_rope_theta)
         trainer.cfg = cfg.train_config("long")

@@ -45,6 +45,8 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     """report.{md,json} for a finished run; wall time from `started` (perf_counter) to the report's end."""
     import json
 
+    import torch
+
     from qwen2.checkpoint import load_model
     from qwen2.config import param_counts
     from qwen2.tokenizer import load_tokenizer
@@ -70,7 +72,10 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
     flops = sum(r["tokens_per_s"] * r["step_time_s"] * flops_per_token(model.config, seq.get(r["stage"], cfg.seq_len))
                 for r in steps)
-    peak = peak_flops("cpu")
+    # A finished run's report written again keeps the run's own wall time and measured peak.
+    again = summary.get("finished_before") and (run / "report.json").is_file()
+    earlier = json.loads((run / "report.json").read_text()) if again else {}
+    peak = earlier.get("peak_flops") or peak_flops("cuda" if torch.cuda.is_available() else "cpu")  # where it trained
     train_losses = [r["loss"] for r in steps]
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
     report = {
@@ -85,7 +90,7 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
         "steps": summary.get("plan"), "data_seconds": summary.get("data_seconds"),
     }
     samples = generate_samples(model, tok, cfg.samples, cfg.sample_tokens)
-    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    report["wall_seconds"] = earlier.get("wall_seconds") or round(time.perf_counter() - started, 1)
     write_report(run, report, samples)
     report["samples"] = samples
     return report
