@@ -3,6 +3,7 @@ loader's batches/s beside a reference measured in the same run: nanoGPT-style ra
 flat memory-mapped token file (no documents, no resume or rank logic).
 
     .venv/bin/python bench/data.py [--tokenizer DIR] [--corpus PATH] [--seq-len 512] [--batch 8]
+    .venv/bin/python bench/data.py --quick     # smoke run: every 20th file of the default corpus, 200 batches
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--quick", action="store_true", help="smoke run: every 20th default-corpus file, 200 batches")
     a = p.parse_args()
     tok = load_tokenizer(a.tokenizer)
-    source = default_source() if a.corpus is None else Source("corpus", [a.corpus])
+    if a.quick:
+        from qwen2.data.corpus import default_corpus_files
+
+        source, a.steps = Source("corpus", default_corpus_files()[::20]), 200
+    else:
+        source = default_source() if a.corpus is None else Source("corpus", [a.corpus])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         report = prepare_corpus(source, tok, tmp, progress=False)
