@@ -106,7 +106,8 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(run, capsys):
     assert "holds a finished run" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before
     again = json.loads((run_dir / "report.json").read_text())  # the run's own wall time and peak, not the rerun's
-    assert (again["wall_seconds"], again["peak_flops"], again["mfu"]) == (report["wall_seconds"], report["peak_flops"], report["mfu"])
+    for key in ("wall_seconds", "peak_flops", "mfu"):
+        assert again[key] == report[key], key
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
 
 
