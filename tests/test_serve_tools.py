@@ -34,7 +34,8 @@ def srv(start_server):
     ids = torch.tensor([prompt + target])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(400):  # memorise the reply (bounded); stop as soon as greedy decoding reproduces it
-        logits = model(ids[:, :-1])[0, len(prompt) - 1 :]
+        h = model.hidden_states(ids[:, :-1])[0, len(prompt) - 1 :]  # the 151,936-wide output layer: reply only
+        logits = model.logits(h)
         loss = F.cross_entropy(logits.float(), ids[0, len(prompt) :])
         opt.zero_grad()
         loss.backward()
