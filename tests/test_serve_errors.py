@@ -5,6 +5,7 @@ Also: API keys (401), overload (fast 503), and a client that disconnects mid-str
 import asyncio
 import contextlib
 import json
+import socket
 import time
 
 import httpx2
@@ -13,6 +14,7 @@ import pytest
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,41 @@ def test_disconnect_mid_stream_frees_the_cache(srv, client):
         assert any(line.startswith("data: ") for line in got)
         assert engine.seqs  # it holds the cache now
     wait_until_idle(engine)  # the server notices the disconnect, aborts, frees
+    canary(client)
+
+
+def test_disconnect_before_a_whole_reply_frees_the_cache(srv, client):
+    # A non-streamed request: the client hangs up while the reply is being generated (raw socket, so
+    # the hang-up comes exactly when the request is known to be running).
+    engine = srv.engine
+    body = json.dumps(dict(CHAT, max_tokens=2000, temperature=0, ignore_eos=True)).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((HOST, int(srv.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(head + body)
+        seqs = []
+        deadline = time.monotonic() + 60
+        while not seqs and time.monotonic() < deadline:
+            seqs = list(engine.seqs.values())
+            time.sleep(0.01)
+        assert seqs, "the request never reached the engine"
+    wait_until_idle(engine)
+    assert seqs[0].finish_reason == "abort" and len(seqs[0].output) < seqs[0].max_tokens  # stopped, not finished
+    canary(client)
+
+
+def test_chunked_body_over_the_limit_gets_413(srv, client):
+    # No Content-Length to refuse up front: the limit applies while the body streams in.
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(80):
+            yield b"x" * 1024
+        yield b'"}'
+
+    resp = httpx2.post(srv.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                       timeout=60)
+    assert "content-length" not in resp.request.headers
+    assert_openai_error(resp, 413)
     canary(client)
 
 

@@ -114,13 +114,18 @@ class Server:
         """Feed engine outputs to their choices; yield each choice that advanced. Aborts what is left
         when the consumer stops early (a disconnect cancels it) or when `request` disconnects."""
         by_id = {c.request_id: c for c in choices}
+        checked = time.monotonic()
         try:
             while any(not c.done for c in choices):
                 try:
-                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    out = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    out = None
+                if request is not None and time.monotonic() - checked >= 0.5:  # also while outputs flow
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         return
+                if out is None:
                     continue
                 c = by_id.get(out.request_id)
                 if c is None or c.done:
