@@ -261,3 +261,17 @@ def test_chat_session_reuses_the_cache(tiny, tok):
     "".join(s.reply(second))
     assert s.last.prompt_tokens == 2 + 1  # only the new tokens (+ the last reply token, never run) are prefilled
     assert s.last.output_ids[0] == list(generate(tiny, second, 6, temperature=0))
+
+
+def test_one_row_bf16_linear_matches_the_fp32_product():
+    # model.linear sends one bf16 row through torch.mv (the decode step's fast path): same product
+    from qwen2.model import linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 32, generator=g).bfloat16(), torch.randn(40, generator=g).bfloat16()
+    for shape in [(1, 1, 32), (1, 32), (3, 32)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        ref = x.float() @ w.float().T + b.float()
+        y = linear(x, w, b)
+        assert y.shape == ref.shape and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)

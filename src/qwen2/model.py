@@ -34,14 +34,30 @@ class RMSNorm(nn.Module):
         return self.weight * n.to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that one row of bf16/fp16 on CPU goes through torch.mv: torch's CPU GEMM at
+    M = 1 in reduced precision runs several times slower than its GEMV (one-token decode; bench/decode.py)."""
+    if x.numel() == x.shape[-1] and x.dtype != torch.float32 and x.device.type == "cpu" and x.dtype == weight.dtype:
+        y = torch.mv(weight, x.reshape(-1))
+        return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases (SPEC 2.5)."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -53,10 +69,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):
         b, t, _ = x.shape
@@ -107,7 +123,7 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = config
         self.model = Body(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, float] | None = None  # (inv_freq fp32, scaling); not a buffer, so .to(dtype) leaves it fp32
 
     @property
@@ -139,7 +155,7 @@ class Qwen2(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # Through the module when there is one, so a quantized lm_head (quantize.py) runs its own kernel.
-        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, positions, cache))
