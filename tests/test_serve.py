@@ -2,7 +2,14 @@
 sync and async, streaming and not): every endpoint, checked against qwen2.generate / a forward pass."""
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx2
 import openai
 import pytest
 import torch
@@ -59,8 +66,6 @@ def test_health_and_models(srv, client):
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
-    import httpx2
-
     assert httpx2.get(srv.url + "/health").json()["status"] == "ok"
 
 
@@ -197,3 +202,76 @@ def test_tool_definitions_and_history_render_through_qwen2_chat(srv, client):
     assert r.usage.prompt_tokens == len(chat_ids(srv, history, tools))
     none = client.chat.completions.create(model="tiny", messages=history, tools=tools, tool_choice="none", max_tokens=3, temperature=0)
     assert none.usage.prompt_tokens == len(chat_ids(srv, history))
+
+
+def test_completions_n_over_several_prompts(srv, client):
+    # Choice i * n + j is prompt i's j-th sample; each prompt is counted once in prompt_tokens.
+    tok = srv.tokenizer
+    a, b = tok.encode("Red sky at night"), tok.encode("A stitch in time")
+    r = client.completions.create(model="tiny", prompt=[a, b], n=2, max_tokens=4, temperature=0)
+    ra, rb = reference(srv, a, 4), reference(srv, b, 4)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [ra[1], ra[1], rb[1], rb[1]]
+    assert r.usage.prompt_tokens == len(a) + len(b) and r.usage.completion_tokens == 2 * (len(ra[0]) + len(rb[0]))
+
+
+def test_completion_logprobs_of_generated_tokens(srv, client):
+    ids = srv.tokenizer.encode("The rain in Spain")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+    out, text = reference(srv, ids, 4)
+    lp = r.choices[0].logprobs
+    with torch.no_grad():
+        ref = torch.log_softmax(srv.model(torch.tensor([ids + out]))[0].float(), -1)
+    assert r.choices[0].text == text and len(lp.tokens) == len(out) == 4
+    assert lp.text_offset == [sum(map(len, lp.tokens[:j])) for j in range(4)]
+    for j, t in enumerate(out):
+        pos = len(ids) - 1 + j
+        assert lp.token_logprobs[j] == pytest.approx(ref[pos, t].item(), abs=1e-4)
+        top = sorted(lp.top_logprobs[j].values(), reverse=True)
+        assert top[0] == pytest.approx(ref[pos].max().item(), abs=1e-4)
+
+
+def test_chat_stream_logprobs_and_stop_match_non_stream(srv, client):
+    full = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    kw = dict(model="tiny", messages=MSGS, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2, stop=stop)
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert plain.choices[0].message.content == full[: full.index(stop)] and plain.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == plain.choices[0].logprobs.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_qwen2_serve_command(srv, tiny_chat_checkpoint, tmp_path):
+    """`qwen2 serve` as a user runs it: its flags, and a one-line error for a bad folder."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    bad = subprocess.run([sys.executable, "-m", "qwen2.cli", "serve", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(tiny_chat_checkpoint), "--port", str(port),
+           "--served-model-name", "mine", "--api-key", "k3y", "--max-num-seqs", "4"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # bounded wait for the model to load
+            try:
+                if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, _strict_response_validation=True)
+        assert [m.id for m in keyed.models.list().data] == ["mine"]
+        r = keyed.chat.completions.create(model="mine", messages=MSGS, max_tokens=3, temperature=0)
+        assert r.choices[0].message.content == reference(srv, chat_ids(srv), 3)[1]  # the same checkpoint as srv's
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
