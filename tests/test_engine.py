@@ -59,6 +59,26 @@ def test_batch_invariance_with_chunked_prefill_and_late_joiners(model):
     assert engine.blocks.num_free == engine.blocks.num_blocks  # everything released
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_decodes(model):
+    short, long = prompts([4, 100], seed=2)
+    engine = Engine(model, block_size=8, num_blocks=64, max_num_batched_tokens=16)
+    r_short = engine.add_request(short, greedy(12))
+    got = {r_short: [o.token_ids for o in engine.step()][0]}  # its prompt in one step, then one token a step
+    r_long = engine.add_request(long, greedy(3))
+    chunks = []
+    while engine.seqs[r_long].num_computed < len(long):
+        before = engine.seqs[r_long].num_computed
+        outs = {o.request_id: o.token_ids for o in engine.step()}
+        chunks.append(engine.seqs[r_long].num_computed - before)
+        assert len(outs.get(r_short, [])) == 1  # the running request advanced this step too
+        for rid, toks in outs.items():
+            got.setdefault(rid, []).extend(toks)
+    assert len(chunks) > 1 and max(chunks) <= 16 - 1  # the budget minus the decode's token
+    for rid, toks in run(engine).items():
+        got.setdefault(rid, []).extend(toks)
+    assert got[r_short] == alone(model, short, 12) and got[r_long] == alone(model, long, 3)
+
+
 def test_prefix_reuse_computes_fewer_prefill_tokens(model):
     system = prompts([48], seed=7)[0]  # a shared "system prompt": 6 full blocks of 8
     a, b = system + prompts([5], seed=8)[0], system + prompts([9], seed=9)[0]
