@@ -3,13 +3,15 @@ loopback, against the same requests run one at a time through `qwen2.generate` i
 
 The checkpoint is a random Qwen2-0.5B-shaped model (saved with save_model into a temporary folder,
 with the fixture tokenizer files beside it); prompts are random regular token ids sent as ids, decoded
-greedily with the same stop tokens on both sides, so both do the same work (the script reports how
-many outputs agree). The server runs as its own process (`python -m qwen2.cli serve`), so clients and
+greedily through stop tokens (`ignore_eos` on the server, no stop ids for generate), so every request
+is exactly --max-tokens long and both sides do the same work (the script reports how many outputs
+agree). Replies longer than prompts, as in chat: the prefill of a prompt costs the same compute
+batched or not, so short replies would measure prefill, not continuous batching. The server runs as its own process (`python -m qwen2.cli serve`), so clients and
 engine do not share an interpreter. Figures: completion tokens/s (all clients, first request sent to
 last token received), time to first token p50/p99, and the ratio to the sequential reference.
 
-    .venv/bin/python bench/serve.py                       # Qwen2-0.5B shape, fp32 (several minutes on 2 cores)
-    .venv/bin/python bench/serve.py --preset tiny --prompt-len 16 --max-tokens 8   # a quick smoke run
+    .venv/bin/python bench/serve.py           # Qwen2-0.5B shape, fp32 (several minutes on 2 cores)
+    .venv/bin/python bench/serve.py --quick   # smoke run: tiny preset, short requests, 1/4/16 clients
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference(model, prompts, max_tokens, stop_ids):
+def reference(model, prompts, max_tokens):
     """One request at a time through qwen2.generate: (tokens/s, ttfts, outputs)."""
     ttft, outs, n = [], [], 0
     t0 = time.perf_counter()
     for p in prompts:
         start = time.perf_counter()
         out = []
-        for tok in generate(model, p, max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_ids):
+        for tok in generate(model, p, max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=[]):
             if not out:
                 ttft.append(time.perf_counter() - start)
             out.append(tok)
@@ -78,7 +80,7 @@ async def clients(url: str, prompts, max_tokens: int, concurrency: int):
         while queue:
             i, p = queue.pop(0)
             body = {"model": "bench", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
             start, first, text = time.perf_counter(), None, ""
             async with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200, await resp.aread()
@@ -110,25 +112,42 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
     ap.add_argument("--levels", default="1,4,16,64", help="concurrent clients per run")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--min-requests", type=int, default=4, help="requests per level at least (TTFT percentiles)")
     ap.add_argument("--ref-requests", type=int, default=4, help="requests for the sequential reference")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads, here and in the server (default: torch's); 1 steadies figures on a busy machine")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --preset tiny --prompt-len 16 --max-tokens 32 --levels 1,4,16")
     a = ap.parse_args()
+    if a.quick:
+        a.preset, a.prompt_len, a.max_tokens, a.levels = "tiny", 16, 32, "1,4,16"
 
     levels = [int(x) for x in a.levels.split(",")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        env["OMP_NUM_THREADS"] = str(a.threads)
     dtype = getattr(torch, a.dtype)
     config = ModelConfig.preset(a.preset)
     tok = load_tokenizer(a.tokenizer)
     if config.vocab_size < len(tok):
         config = config.replace(vocab_size=151936)
-    stop_ids = [tok.endoftext_id, tok.im_end_id]
     torch.manual_seed(0)
     model = build_model(config, dtype=dtype, seed=0).eval()
     n_req = max(max(levels), a.min_requests)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, tok.n_regular, (a.prompt_len,), generator=g).tolist() for _ in range(n_req)]
     print(f"model: random {a.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {a.dtype}); "
-          f"prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
+          f"prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens each, greedy; torch threads {torch.get_num_threads()}")
+
+    # The sequential reference runs before the server starts, so no idle server threads compete with it.
+    # Warm-up, untimed, at the measured shapes: first calls pay one-off costs (allocations, kernel
+    # selection per shape), several times the steady cost for small models.
+    reference(model, prompts[:2], a.max_tokens)
+    ref_tps, ref_ttft, ref_outs = reference(model, prompts[: a.ref_requests], a.max_tokens)
+    print(f"\nsequential qwen2.generate: {ref_tps:.2f} tok/s, TTFT p50 {pct(ref_ttft, .5) * 1e3:.0f} ms "
+          f"({a.ref_requests} requests)")
+    ref_texts = [tok.decode([t for t in o if t < len(tok)]) for o in ref_outs]  # padded rows show nothing
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench"
@@ -140,7 +159,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--port", str(port),
                "--served-model-name", "bench", "--max-num-seqs", str(max(levels)),
                "--max-model-len", str(a.prompt_len + a.max_tokens + 8)]
-        server = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        server = subprocess.Popen(cmd, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -156,20 +175,18 @@ def main() -> None:
                     raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
                 time.sleep(0.5)
 
-            # Warm-up, untimed: first calls pay one-off costs (allocations, lazy inits) on both sides.
-            reference(model, prompts[:1], 2, stop_ids)
-            asyncio.run(clients(url, prompts[:1], 2, 1))
-            ref_tps, ref_ttft, ref_outs = reference(model, prompts[: a.ref_requests], a.max_tokens, stop_ids)
-            print(f"\nsequential qwen2.generate: {ref_tps:.2f} tok/s, TTFT p50 {pct(ref_ttft, .5) * 1e3:.0f} ms "
-                  f"({a.ref_requests} requests)")
-            ref_texts = [tok.decode([t for t in o if t not in stop_ids and t < len(tok)]) for o in ref_outs]
+            asyncio.run(clients(url, prompts[:4], a.max_tokens, 4))  # the server's warm-up
             print(f"\n{'clients':>7} {'requests':>8} {'tok/s':>8} {'x seq':>6} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+            ratio = {}
             for c in levels:
                 reqs = prompts[: max(c, a.min_requests)]
                 tps, ttft, texts = asyncio.run(clients(url, reqs, a.max_tokens, c))
                 same = sum(t == r for t, r in zip(texts, ref_texts))
-                print(f"{c:>7} {len(reqs):>8} {tps:>8.2f} {tps / ref_tps:>6.2f} {pct(ttft, .5) * 1e3:>12.0f} "
+                ratio[c] = tps / ref_tps
+                print(f"{c:>7} {len(reqs):>8} {tps:>8.2f} {ratio[c]:>6.2f} {pct(ttft, .5) * 1e3:>12.0f} "
                       f"{pct(ttft, .99) * 1e3:>12.0f}   (outputs equal to generate: {same}/{min(len(texts), len(ref_texts))})")
+            if 16 in ratio:
+                print(f"\nat 16 clients: {ratio[16]:.2f}x the sequential throughput (target >= 4x)")
         finally:
             server.terminate()
             server.wait(timeout=30)
