@@ -5,10 +5,11 @@ The checkpoint is a random Qwen2-0.5B-shaped model (saved with save_model into a
 with the fixture tokenizer files beside it); prompts are random regular token ids sent as ids, decoded
 greedily through stop tokens (`ignore_eos` on the server, no stop ids for generate), so every request
 is exactly --max-tokens long and both sides do the same work (the script reports how many outputs
-agree). Replies longer than prompts, as in chat: the prefill of a prompt costs the same compute
-batched or not, so short replies would measure prefill, not continuous batching. The server runs as its own process (`python -m qwen2.cli serve`), so clients and
-engine do not share an interpreter. Figures: completion tokens/s (all clients, first request sent to
-last token received), time to first token p50/p99, and the ratio to the sequential reference.
+agree). Replies are longer than prompts, as in chat: a prompt's prefill costs the same compute batched
+or not, so short replies would measure prefill, not continuous batching. The server runs as its own
+process (`python -m qwen2.cli serve`), so clients and engine do not share an interpreter; the
+sequential reference runs before it starts. Figures: completion tokens/s (all clients, first request
+sent to last token received), time to first token p50/p99, and the ratio to the sequential reference.
 
     .venv/bin/python bench/serve.py           # Qwen2-0.5B shape, fp32 (several minutes on 2 cores)
     .venv/bin/python bench/serve.py --quick   # smoke run: tiny preset, short requests, 1/4/16 clients
