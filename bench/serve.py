@@ -160,8 +160,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--port", str(port),
                "--served-model-name", "bench", "--max-num-seqs", str(max(levels)),
                "--max-model-len", str(a.prompt_len + a.max_tokens + 8)]
-        server = subprocess.Popen(cmd, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = Path(tmp) / "serve.log"  # a file, not a pipe nobody drains: uvicorn logs every request
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
         try:
             url = f"http://127.0.0.1:{port}"
             import httpx2
@@ -173,7 +173,7 @@ def main() -> None:
                 except httpx2.HTTPError:
                     pass
                 if server.poll() is not None:
-                    raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
+                    raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
                 time.sleep(0.5)
 
             asyncio.run(clients(url, prompts[:4], a.max_tokens, 4))  # the server's warm-up
