@@ -53,7 +53,7 @@ def test_chat_page_streams_the_same_reply_as_the_api(start_server, browser):
     for text in ("Hello! <|im_end|> is just text here.", "And a second turn?"):
         browser.find_element(By.ID, "input").send_keys(text)
         browser.find_element(By.ID, "send").click()
-        wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+        wait = WebDriverWait(browser, 180, poll_frequency=0.1)  # bounded; generous for a busy machine
         reply = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[len(history) // 2:] or None)[0]
         wait.until(lambda d: reply.get_attribute("data-done") == "true")
         history += [{"role": "user", "content": text}]
