@@ -215,8 +215,11 @@ def test_overload_gets_a_fast_503_not_a_hang(start_server):
         held = [stack.enter_context(httpx2.stream("POST", s.url + "/v1/chat/completions", json=hold, timeout=60))
                 for _ in range(2)]
         lines = [r.iter_lines() for r in held]
-        for it in lines:  # each holder's first event: its request is in the engine
+        for it in lines:  # each holder's first event: its request was accepted
             assert next(line for line in it if line.startswith("data: "))
+        deadline = time.monotonic() + 60
+        while len(engine.seqs) < 2 and time.monotonic() < deadline:  # accepted requests join at the next step
+            time.sleep(0.01)
         assert len(engine.seqs) == 2
         aclient = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
 

@@ -26,7 +26,7 @@ import torch
 
 from qwen2.paged_cache import BlockManager, KVPool, PagedBatch
 from qwen2.sampling import SamplingParams, TokenHistory, sample
-from qwen2.scheduler import Scheduler, Sequence, Status
+from qwen2.scheduler import Scheduler, Sequence
 
 
 @dataclass
@@ -158,6 +158,22 @@ class Engine:
         prompt_logprobs). logprobs / prompt_logprobs: report the chosen / prompt tokens' log-probabilities
         and the top k. Raises ValueError for a request that can never run.
         """
+        prompt, params = self.check_request(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.pool.k.device).manual_seed(params.seed % 2**64)
+        seq = Sequence(request_id, prompt, params.max_new_tokens, params, frozenset(params.stop_token_ids),
+                       logprobs, prompt_logprobs, gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def check_request(self, prompt: list[int], params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
+        """(prompt as ints, params with defaults) for a request that can run; ValueError naming what is wrong.
+        Reads only what never changes, so another thread may call it while a step runs."""
         params = params if params is not None else SamplingParams(temperature=0.0)
         if params.stop:
             raise ValueError("stop strings need a tokenizer: the engine stops on stop_token_ids only")
@@ -171,17 +187,7 @@ class Engine:
         if len(prompt) + params.max_new_tokens > limit:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"context of {limit} tokens")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        gen = None
-        if params.seed is not None and not params.greedy:
-            gen = torch.Generator(device=self.pool.k.device).manual_seed(params.seed % 2**64)
-        seq = Sequence(request_id, prompt, params.max_new_tokens, params, frozenset(params.stop_token_ids),
-                       logprobs, prompt_logprobs, gen)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
-        return request_id
+        return prompt, params
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its blocks are free when this returns. False if it is unknown or done."""

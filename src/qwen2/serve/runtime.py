@@ -1,15 +1,20 @@
 """The bridge between asyncio request handlers and the Engine, which runs `step()` on its own thread.
 
 One thread owns the model. Handlers `submit` a request and read its `StepOutput`s from an asyncio
-queue; the engine thread steps while there is work and sleeps on an event when there is none. A lock
-serialises the thread's step with `submit` / `abort` from the event loop, so `abort` returns with the
-request's blocks already free (after at most the step in flight). Overload is refused at `submit`,
-at once, instead of queueing without bound.
+queue; the engine thread steps while there is work and sleeps on an event when there is none.
+`submit` never waits for a step: it checks the request (Engine.check_request), puts it in an inbox and
+returns; the engine thread moves the inbox into the engine between steps, so requests that arrive
+during a step join the next one together. (Taking the step's lock in `submit` blocked the event loop
+for a step per request, and threading.Lock is not fair: under load the engine thread re-took it
+first, and 16 clients waited ~20 s for their first token.) A lock serialises the step with `abort`,
+so `abort` returns with the request's blocks already free (after at most the step in flight).
+Overload is refused at `submit`, at once, instead of queueing without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 
@@ -27,7 +32,10 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine, *, max_pending: int = 256):
         self.engine, self.max_pending = engine, max_pending
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by a step; abort takes it
+        self._inbox: list[tuple[str, list[int], dict]] = []  # checked requests not yet in the engine
+        self._inbox_lock = threading.Lock()  # guards _inbox; never held across a step
+        self._ids = itertools.count()
         self._work = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
@@ -41,25 +49,29 @@ class AsyncEngine:
         `max_pending` requests are in flight, ValueError for a request the engine refuses."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = queue if queue is not None else asyncio.Queue()
-        with self._lock:
-            if len(self.engine.seqs) >= self.max_pending:
+        prompt, params = self.engine.check_request(prompt, kwargs.pop("params", None))
+        with self._inbox_lock:
+            if self.pending() >= self.max_pending:
                 raise Overloaded(f"the server holds {self.max_pending} requests already; retry later")
-            rid = self.engine.add_request(prompt, **kwargs)
+            rid = f"srv-{next(self._ids)}"
             self._queues[rid] = (loop, q)
+            self._inbox.append((rid, prompt, dict(kwargs, params=params)))
             self._work.set()
         return rid, q
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its cache blocks (a no-op when it has finished)."""
-        with self._lock:
+        with self._inbox_lock:
             self._queues.pop(request_id, None)
+            self._inbox = [r for r in self._inbox if r[0] != request_id]
+        with self._lock:  # if the engine thread took it from the inbox, it is in the engine now
             self.engine.abort(request_id)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def pending(self) -> int:
-        return len(self.engine.seqs)
+        return len(self.engine.seqs) + len(self._inbox)
 
     def close(self) -> None:
         self._stop = True
@@ -72,6 +84,10 @@ class AsyncEngine:
             if self._stop:
                 return
             with self._lock:
+                with self._inbox_lock:
+                    arrived, self._inbox = self._inbox, []
+                for rid, prompt, kwargs in arrived:  # checked at submit: this does not fail on the request
+                    self.engine.add_request(prompt, request_id=rid, **kwargs)
                 try:
                     outs = self.engine.step()
                 except BaseException as e:  # a bug, not bad input: fail every request in flight, keep serving
@@ -89,5 +105,6 @@ class AsyncEngine:
                             entry[0].call_soon_threadsafe(entry[1].put_nowait, o)
                         except RuntimeError:  # its event loop has closed: nobody is listening
                             self.engine.abort(o.request_id)
-                if not self.engine.has_unfinished():
-                    self._work.clear()
+                with self._inbox_lock:  # with submit's set() under the same lock, no wake-up is lost
+                    if not self._inbox and not self.engine.has_unfinished():
+                        self._work.clear()
