@@ -165,3 +165,13 @@ def test_bf16_load_is_memory_mapped(tmp_path):
     assert w.dtype == torch.bfloat16 and torch.equal(w, model.model.embed_tokens.weight)
     # The tensor's storage is the file mapping itself (no copy): it spans the whole file.
     assert w.untyped_storage().nbytes() == (tmp_path / "model.safetensors").stat().st_size
+
+
+def test_generation_config_is_attached_and_a_bad_one_is_named(ckpt):
+    assert load_model(ckpt).generation_config is None
+    (ckpt / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 20}))
+    assert load_model(ckpt).generation_config == {"do_sample": True, "top_k": 20}  # generate()'s defaults
+    for text in ("{not json", "[1, 2]"):
+        (ckpt / "generation_config.json").write_text(text)
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            load_model(ckpt)

@@ -97,6 +97,24 @@ def test_exported_model_loads_and_its_logits_equal_transformers(run):
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_exported_model_samples_by_default_and_stops_at_endoftext(run):
+    transformers = pytest.importorskip("transformers")
+    from qwen2.checkpoint import load_model
+    from qwen2.sampling import SamplingParams
+    from qwen2.tokenizer import load_tokenizer
+    from qwen2.train.pretrain import GENERATION_DEFAULTS
+
+    model_dir = run[0] / "model"
+    tok = load_tokenizer(model_dir)
+    params = SamplingParams.from_generation_config(model_dir)
+    assert not params.greedy and params.temperature == GENERATION_DEFAULTS["temperature"]
+    assert params.top_k == GENERATION_DEFAULTS["top_k"] and params.stop_token_ids == [tok.endoftext_id]
+    hf = transformers.GenerationConfig.from_pretrained(model_dir)  # transformers reads it the same way
+    assert hf.do_sample and hf.temperature == params.temperature and hf.eos_token_id == tok.endoftext_id
+    model = load_model(model_dir)
+    assert getattr(model, "generation_config", None) is not None  # what qwen2.generate defaults to
+
+
 def test_rerunning_a_finished_run_says_so_and_trains_nothing(run, capsys):
     run_dir, recipe = run
     before = (run_dir / "metrics.jsonl").read_text()

@@ -104,6 +104,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory (expected a Hugging Face model folder with config.json)")
     config = ModelConfig.from_json(directory / "config.json")
+    generation_config = _generation_config(directory)
     files = _shard_files(directory)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype, None)
@@ -154,7 +155,22 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         t = _mmap_tensor(storages[file], start, info)
         state[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
+    model.generation_config = generation_config  # qwen2.generate's sampling defaults
     return model.eval()
+
+
+def _generation_config(directory: Path) -> dict | None:
+    """The checkpoint's generation_config.json as a dict (None when it has none)."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -276,14 +276,24 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     return summary
 
 
+# Sampling defaults written beside a model trained from scratch (the report's samples use the same), so
+# `qwen2 generate` / `qwen2 chat` sample instead of falling into greedy decoding's loops.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_k": 40}
+
+
 def export(model, tok_dir: Path, out: Path) -> Path:
-    """The final model in the Hugging Face layout, with the tokenizer's files beside it."""
+    """The final model in the Hugging Face layout, with the tokenizer's files beside it, and a
+    generation_config.json (GENERATION_DEFAULTS, stopping at <|endoftext|>) unless the tokenizer has one."""
     from qwen2.checkpoint import save_model
+    from qwen2.tokenizer import load_tokenizer
 
     save_model(model, out)
     for name in TOKENIZER_FILES:
         if (Path(tok_dir) / name).is_file():
             shutil.copyfile(Path(tok_dir) / name, out / name)
+    if not (out / "generation_config.json").is_file():
+        eot = load_tokenizer(tok_dir).endoftext_id
+        _write_json(out / "generation_config.json", {**GENERATION_DEFAULTS, "bos_token_id": eot, "eos_token_id": eot})
     return out
 
 

@@ -97,14 +97,15 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
 
 
 def generate_samples(model, tok, n: int, max_new_tokens: int) -> list[dict]:
-    """Sampled continuations of a few Python/English prompts (temperature 0.7, top-k 40, fixed seed)."""
+    """Sampled continuations of a few Python/English prompts (pretrain.GENERATION_DEFAULTS, fixed seed)."""
     from qwen2.generate import generate
+    from qwen2.train.pretrain import GENERATION_DEFAULTS
 
     out = []
     for prompt in PROMPTS[:n]:
         ids = tok.encode(prompt)
-        new = list(generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.7, top_k=40, seed=0,
-                            stop_token_ids=[tok.endoftext_id]))
+        new = list(generate(model, ids, max_new_tokens=max_new_tokens, temperature=GENERATION_DEFAULTS["temperature"],
+                            top_k=GENERATION_DEFAULTS["top_k"], seed=0, stop_token_ids=[tok.endoftext_id]))
         new = [t for t in new if t != tok.endoftext_id]
         out.append({"prompt": prompt, "completion": tok.decode(new)})
     return out
