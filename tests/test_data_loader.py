@@ -242,3 +242,34 @@ def test_properties(tmp_path_factory, lengths, T, B, W, k, mixed, seed):
     again = PackedLoader(data, T, B * W, seed=seed)
     again.load_state_dict(resumed.state_dict())
     assert all(torch.equal(x, y) for x, y in zip(one[k:], batches(again, steps - k)))
+
+
+# ---- spread: each step's rows far apart in the stream ------------------------------------------
+def test_spread_reads_each_window_row_once_with_rows_spread_apart(shards):
+    T, G, S = 10, 4, 5
+    plain = torch.cat(batches(PackedLoader(shards, T, G, seed=3), 2 * S))  # the first two windows, in order
+    spread = batches(PackedLoader(shards, T, G, seed=3, spread=S), 2 * S)
+    for w in range(2):  # a window's steps read exactly its rows, each once
+        window = plain[w * S * G:(w + 1) * S * G]
+        got = torch.cat(spread[w * S:(w + 1) * S])
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, window.tolist()))
+        for j in range(S):  # step j of the window: rows j, j + S, j + 2S, ...
+            assert torch.equal(spread[w * S + j], window[j::S])
+
+
+def test_spread_ranks_stack_and_resume_mid_window(shards):
+    T, B, S = 8, 3, 4
+    one = batches(PackedLoader(shards, T, 2 * B, seed=1, spread=S), 11)
+    r0 = PackedLoader(shards, T, B, rank=0, world_size=2, seed=1, spread=S)
+    r1 = PackedLoader(shards, T, B, rank=1, world_size=2, seed=1, spread=S)
+    for g in one[:6]:
+        assert torch.equal(torch.cat([next(r0)["input_ids"], next(r1)["input_ids"]]), g)
+    state = json.loads(json.dumps(r0.state_dict()))  # 6 steps: 2 into the second window
+    assert state == r1.state_dict() and state["in_window"] == 2
+    resumed = PackedLoader(shards, T, 2 * B, seed=1, spread=S)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(one[6:], batches(resumed, 5)))
+    with pytest.raises(ValueError, match="spread"):
+        PackedLoader(shards, T, 2 * B, seed=1, spread=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="window"):  # another global batch only at a window's start
+        PackedLoader(shards, T, B, seed=1, spread=S).load_state_dict(state)

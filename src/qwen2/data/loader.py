@@ -10,19 +10,23 @@ and global row i is stream[i*T : i*T + T + 1]: T + 1 ids, so that inputs = row[:
 row[1:]; consecutive rows overlap by one id, and every id of the stream is a label exactly once (no
 token is lost at a row boundary, and none is padding).
 
-Batches. Step k takes the global rows [k*G, (k+1)*G) with G = batch_size * world_size, and rank r gets
-the contiguous rows [k*G + r*B, k*G + (r+1)*B). So the ranks' rows are disjoint, and stacking the
-ranks' batches in rank order gives exactly the batch a single process with batch_size G reads: the
-same global batch gives the same data however many processes share it.
+Batches. With G = batch_size * world_size and `spread` S, the stream is read in windows of S*G rows:
+step j of a window (j = 0..S-1) takes the window's rows j, j + S, j + 2S, ... (G of them), and rank r
+gets the r-th run of B of those. Every row of a window is read exactly once, and the rows of one step
+lie S rows apart, so one long document does not fill many steps in a row (with S = 1, step k simply
+takes global rows [k*G, (k+1)*G)). The ranks' rows are disjoint, and stacking the ranks' batches in
+rank order gives exactly the batch a single process with batch_size G reads: the same global batch
+gives the same data however many processes share it.
 
 Each batch is `{"input_ids": LongTensor[B, T + 1]}`; an objective takes `x[:, :-1]` as inputs and
 `x[:, 1:]` as labels. Attention is not masked at document boundaries (as in the paper's packing).
 
-Resuming. The position is the number of stream ids before the next step's first row. `state_dict()`
-holds it (with a hint to find its block without replaying earlier ones) and is the same on every rank:
-saving rank 0's is enough. `load_state_dict()` puts the loader exactly there, so a resumed run reads the
-batches the uninterrupted one would have read; it refuses another seed or other data. A resumed run may
-change the batch size or world size: it goes on from the same id of the stream.
+Resuming. The position is the number of stream ids before the current window, plus the step within
+it. `state_dict()` holds them (with a hint to find the block without replaying earlier ones) and is the
+same on every rank: saving rank 0's is enough. `load_state_dict()` puts the loader exactly there, so a
+resumed run reads the batches the uninterrupted one would have read; it refuses another seed, spread
+or other data. A resumed run may change the batch size or world size at a window's start (always, with
+S = 1): it goes on from the same id of the stream.
 """
 
 from __future__ import annotations
@@ -47,17 +51,20 @@ class PackedLoader:
 
     `eot_id` defaults to the shards' recorded `endoftext_id`. `shuffle=False` reads documents in stored
     order (evaluation on held-out data: every call from a fresh loader gives the same batches).
+    `spread`: steps per window (see the module docstring); 1 reads consecutive rows.
     """
 
     def __init__(self, data: ShardSet | Mixture | str | os.PathLike, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, *, eot_id: int | None = None, shuffle: bool = True):
+                 world_size: int = 1, seed: int = 0, *, eot_id: int | None = None, shuffle: bool = True,
+                 spread: int = 1):
         if isinstance(data, (str, os.PathLike)):
             from qwen2.data.prepare import open_corpus
 
             data = open_corpus(data)
         self.mixture = data if isinstance(data, Mixture) else Mixture([data])
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"PackedLoader: seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if seq_len < 1 or batch_size < 1 or spread < 1:
+            raise ValueError(f"PackedLoader: seq_len, batch_size and spread must be >= 1, got {seq_len}, {batch_size} "
+                             f"and {spread}")
         if not 0 <= rank < world_size:
             raise ValueError(f"PackedLoader: rank {rank} is not in [0, world_size={world_size})")
         if eot_id is None:
@@ -65,8 +72,9 @@ class PackedLoader:
             if eot_id is None:
                 raise ValueError("PackedLoader: the shards record no endoftext_id; pass eot_id=tok.endoftext_id")
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
-        self.seed, self.eot_id, self.shuffle = seed, int(eot_id), shuffle
-        self.position = 0  # stream ids before the next step's first row
+        self.seed, self.eot_id, self.shuffle, self.spread = seed, int(eot_id), shuffle, spread
+        self.position = 0  # stream ids before the current window
+        self.in_window = 0  # steps of the current window already taken
         self.step = 0
         # Start offsets in the stream of blocks first_block, first_block + 1, ... as far as read.
         self._first_block, self._starts = 0, [0]
@@ -140,13 +148,16 @@ class PackedLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        T, B = self.seq_len, self.batch_size
-        first = self.position + self.rank * B * T
-        rows = np.stack([self.read(first + i * T, T + 1) for i in range(B)])
-        self.position += self.tokens_per_step
+        T, B, S = self.seq_len, self.batch_size, self.spread
+        rows = [self.in_window + S * (self.rank * B + i) for i in range(B)]  # row numbers within the window
+        batch = np.stack([self.read(self.position + r * T, T + 1) for r in rows])
         self.step += 1
-        self._forget_before(self.position)
-        return {"input_ids": torch.from_numpy(rows)}
+        self.in_window += 1
+        if self.in_window == S:
+            self.position += S * self.tokens_per_step
+            self.in_window = 0
+            self._forget_before(self.position)
+        return {"input_ids": torch.from_numpy(batch)}
 
     def _forget_before(self, offset: int) -> None:
         """Drop block starts before the block of `offset`: the list stays a few entries long."""
@@ -159,9 +170,10 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """The exact position, identical on every rank (plain ints and lists: JSON- and torch.save-able)."""
         e, start = self._locate(self.position)
-        return {"version": 1, "position": self.position, "step": self.step, "block": e, "block_start": start,
-                "seed": self.seed, "shuffle": self.shuffle, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "data": self.mixture.fingerprint()}
+        return {"version": 1, "position": self.position, "in_window": self.in_window, "spread": self.spread,
+                "step": self.step, "block": e, "block_start": start, "seed": self.seed, "shuffle": self.shuffle,
+                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+                "data": self.mixture.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
@@ -172,8 +184,16 @@ class PackedLoader:
         if state["data"] != self.mixture.fingerprint():
             raise ValueError("PackedLoader: the state was saved over other data (sources, sizes or weights differ): "
                              f"{state['data']} vs {self.mixture.fingerprint()}")
+        if state.get("spread", 1) != self.spread:
+            raise ValueError(f"PackedLoader: the state is for spread {state.get('spread', 1)}, this loader has "
+                             f"spread {self.spread}; resume with the same one")
+        in_window = int(state.get("in_window", 0))
+        if in_window and (state["global_batch_size"], state["seq_len"]) != (self.global_batch_size, self.seq_len):
+            raise ValueError(f"PackedLoader: the state is {in_window} steps into a window of global batch "
+                             f"{state['global_batch_size']} x {state['seq_len']}; resume with that global batch and "
+                             f"sequence length (they may change only at a window's start)")
         if not 0 <= state["block_start"] <= state["position"]:
             raise ValueError(f"PackedLoader: inconsistent state {state}")
-        self.position, self.step = int(state["position"]), int(state["step"])
+        self.position, self.step, self.in_window = int(state["position"]), int(state["step"]), in_window
         self._first_block, self._starts = int(state["block"]), [int(state["block_start"])]
         self._blocks.clear()

@@ -213,8 +213,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, device=device, seed=cfg.seed)
     trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
-    loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed)
-    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank, world, seed=cfg.seed)
+    loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
+    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank, world,
+                               seed=cfg.seed, spread=cfg.spread)
     ckpt = latest_checkpoint(run_dir) if resume else None
     info = read_trainer_info(ckpt) if ckpt else {"stage": "pretrain", "step": 0, "meta": {}}
     stage, plan = info["stage"], info.get("meta", {}).get("plan", {})

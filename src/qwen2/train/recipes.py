@@ -35,6 +35,7 @@ class PretrainConfig:
     # -- data: a folder of text / JSONL / parquet, or None for the Python standard library's source
     corpus: str | None = None
     heldout_fraction: float = 0.01
+    spread: int = 64  # loader: a step's rows lie this many rows apart in the stream (data.loader)
     max_corpus_mb: float = 0.0  # 0: all of it
     # -- time budget (minutes, the whole run); 0: use `steps` / `long_steps`
     minutes: float = 0.0
