@@ -173,5 +173,5 @@ def test_generation_config_is_attached_and_a_bad_one_is_named(ckpt):
     assert load_model(ckpt).generation_config == {"do_sample": True, "top_k": 20}  # generate()'s defaults
     for text in ("{not json", "[1, 2]"):
         (ckpt / "generation_config.json").write_text(text)
-        with pytest.raises(CheckpointError, match="generation_config.json"):
+        with pytest.raises(ValueError, match="generation_config.json"):
             load_model(ckpt)

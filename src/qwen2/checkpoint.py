@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qwen2.config import ModelConfig
-from qwen2.files import atomic_path, atomic_write_text
+from qwen2.files import atomic_path, atomic_write_text, read_json_object
 from qwen2.model import Qwen2
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -162,15 +162,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
 def _generation_config(directory: Path) -> dict | None:
     """The checkpoint's generation_config.json as a dict (None when it has none)."""
     path = directory / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return read_json_object(path) if path.is_file() else None
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen2.files import atomic_write_text
+from qwen2.files import atomic_write_text, read_json_object
 
 ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
 
@@ -189,13 +189,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write config.json atomically (temporary file in the same folder, then rename)."""

@@ -9,6 +9,7 @@ new one (DESIGN.md, conventions). Imports nothing of ours.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -65,3 +66,15 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(root)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file a user handed in (config.json, generation_config.json) that must hold an object;
+    ValueError naming the file otherwise."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d

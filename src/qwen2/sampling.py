@@ -20,7 +20,6 @@ SamplingParams (the continuous-batching engine reuses `sample` this way). A disa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from qwen2.files import read_json_object
 
 
 @dataclass
@@ -94,10 +95,7 @@ class SamplingParams:
             path = Path(source)
             path = path / "generation_config.json" if path.is_dir() else path
             if path.is_file():
-                try:
-                    d = json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from None
+                d = read_json_object(path)
         kw: dict = {}
         if d.get("do_sample"):
             kw["temperature"] = float(d.get("temperature", 1.0) if d.get("temperature") is not None else 1.0)
