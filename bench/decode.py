@@ -8,6 +8,8 @@ One random Qwen2-0.5B-shaped model (ModelConfig.preset, weights ~ N(0, 0.02)), s
   (decode step compiled with --compile); transformers: `model.generate` (its default dynamic cache), the
   per-token time taken as (T(N tokens) - T(1 token)) / (N - 1), ours as the decode loop's own (N - 1) steps;
 - fp32 and bf16 for both, int8 and int4 (group 128, output layer quantized too) for ours;
+- ours runs its decode-time matrix-vector products through qwen2.cpu_gemv where it builds (the run
+  prints which; QWEN2_CPU_GEMV=0 measures ours on torch's kernels instead);
 - roofline: weight bytes one decode step reads (`quantize.weight_bytes_per_token`) / this machine's
   memory bandwidth, measured in the same run (a sum over a tensor far larger than the caches).
 Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outputs are not uniform: a
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
 
+from qwen2 import cpu_gemv  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generate import KVCache, generate, prefill  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
@@ -231,6 +234,7 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode of {args.tokens} tokens after a "
           f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else ""))
+    print(cpu_gemv.status())
     rows = speed_rows(args)
     print(table(rows, list(rows[0])))
     if not args.skip_ppl:

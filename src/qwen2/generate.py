@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from qwen2 import cpu_gemv
 from qwen2.config import ModelConfig
 from qwen2.sampling import SamplingParams, TokenHistory, sample
 
@@ -42,6 +43,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)
+        self.rows = torch.arange(batch_size, device=device)
         self._window: int | None = None  # slots the current forward reads; None: only its own (fresh prefill)
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor | None:
@@ -51,9 +53,12 @@ class KVCache:
         if t > 1 and not bool(positions[:, 0].any()):
             self._window = None
             return None
-        w = int(positions.max()) + 1
-        if w > self.max_len:
-            raise ValueError(f"position {w - 1} is beyond the KV cache ({self.max_len} slots)")
+        if torch.compiler.is_compiling():  # every slot: a window that does not depend on the data keeps the
+            w = self.max_len                 # compiled decode step one graph (the mask hides unwritten slots)
+        else:
+            w = int(positions.max()) + 1
+            if w > self.max_len:
+                raise ValueError(f"position {w - 1} is beyond the KV cache ({self.max_len} slots)")
         self._window = w
         return (self.slots[:w] <= positions[..., None]).unsqueeze(1)
 
@@ -61,7 +66,7 @@ class KVCache:
         """Write k, v [B, Hkv, T, d] at `positions` [B, T]; return the keys and values to attend to."""
         kc, vc = self.k[layer_idx], self.v[layer_idx]  # [B, Hkv, S, d]
         b, _, t, _ = k.shape
-        rows = torch.arange(b, device=k.device)[:, None].expand(b, t)
+        rows = self.rows[:b, None].expand(b, t)
         kc[rows, :, positions] = k.transpose(1, 2)  # advanced indices first: [B, T, Hkv, d]
         vc[rows, :, positions] = v.transpose(1, 2)
         if self._window is None:
@@ -97,6 +102,7 @@ def compiled_decode_one(model):
     if not hasattr(torch, "compile"):
         return decode_one
     key = id(model)
+    cpu_gemv.status()  # build (or rule out) the CPU kernels before tracing
     if key not in _COMPILED:
         _COMPILED.clear()  # one model at a time: don't keep old models alive
         _COMPILED[key] = torch.compile(decode_one, dynamic=True)

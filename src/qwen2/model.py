@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen2 import cpu_gemv
 from qwen2.attention import attend
 from qwen2.config import ModelConfig
 from qwen2.rope import apply_rotary, inv_frequencies, rope_cos_sin
@@ -35,11 +36,15 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that one row of bf16/fp16 on CPU goes through torch.mv: torch's CPU GEMM at
-    M = 1 in reduced precision runs several times slower than its GEMV (one-token decode; bench/decode.py)."""
-    if x.numel() == x.shape[-1] and x.dtype != torch.float32 and x.device.type == "cpu" and x.dtype == weight.dtype:
-        y = torch.mv(weight, x.reshape(-1))
-        return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
+    """F.linear, except for decode-sized inputs on CPU (a few rows, reduced precision): bf16 goes through
+    cpu_gemv's kernels where they are built, else one row goes through torch.mv — torch's CPU GEMM at
+    M = 1 in reduced precision runs several times slower than its GEMV (bench/decode.py)."""
+    if x.dtype == weight.dtype and x.dtype != torch.float32 and x.device.type == "cpu":
+        if cpu_gemv.usable(x, weight, *(() if bias is None else (bias,))):
+            return cpu_gemv.gemv_bf16(x, weight, bias)
+        if x.numel() == x.shape[-1]:
+            y = torch.mv(weight, x.reshape(-1))
+            return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -1,0 +1,243 @@
+/* y = x W^T + bias for a few bf16 activation rows x (one-token decode), on x86 CPUs with AVX-512 BF16.
+ *
+ * Decode reads every weight once per token, so its speed is the rate at which weights stream from
+ * memory. torch's bf16 GEMV reaches ~15 GB/s on this project's 2-core machine (fp32 reaches ~25);
+ * these loops reach ~20 GB/s by keeping few instructions per cache line (vdpbf16ps: 32 bf16
+ * products per instruction), four weight rows in flight, and a software prefetch ahead of each row.
+ * Built by cpu_gemv.py with the machine's own compiler (-march=native); if the CPU lacks the
+ * instructions this file does not compile and qwen2 falls back to torch's kernels.
+ *
+ * Every function: w [n, k] (row-major), x [m, k] bf16, bias [n] bf16 or NULL, y [m, n] bf16 (rounded
+ * to nearest even from an fp32 accumulator), rows split over `threads` OpenMP threads. The OpenMP
+ * runtime is torch's (same soname, loaded first), so both share one thread pool.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
+#error "cpu_gemv.c needs AVX-512 F, BW, BF16 and VNNI"
+#endif
+
+#ifndef R
+#define R 4              /* weight rows per block: independent accumulators and streams */
+#endif
+#ifndef PREFETCH
+#define PREFETCH 2048    /* bytes ahead on each row (best of 512-4096 measured on the 2-core machine) */
+#endif
+
+static inline float bf16_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline void store(uint16_t *y, int64_t i, float v, const uint16_t *bias, int64_t r) {
+    y[i] = f32_bf16(v + (bias ? bf16_f32(bias[r]) : 0.f));
+}
+
+static inline __attribute__((always_inline)) void prefetch_rows(const uint8_t *p, int64_t row_bytes, int rows) {
+    for (int q = 0; q < rows; q++) _mm_prefetch((const char *)p + q * row_bytes + PREFETCH, _MM_HINT_T0);
+}
+
+/* ---- bf16 weights: 32 products per vdpbf16ps --------------------------------------------------- */
+static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, int64_t k, const uint16_t *x,
+                                                           int rows, float *out) {
+    __m512 acc[R];
+    for (int q = 0; q < rows; q++) acc[q] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        prefetch_rows((const uint8_t *)(w + j), 2 * k, rows);
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
+        for (int q = 0; q < rows; q++)
+            acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_loadu_si512(w + q * k + j), xv);
+    }
+    if (j < k) {  /* the tail: masked loads read zeros past the row */
+        __mmask32 mask = (__mmask32)((1ull << (k - j)) - 1);
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + j);
+        for (int q = 0; q < rows; q++)
+            acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_maskz_loadu_epi16(mask, w + q * k + j), xv);
+    }
+    for (int q = 0; q < rows; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
+}
+
+void q2_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t m,
+                  const uint16_t *bias, uint16_t *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < (n + R - 1) / R; b++) {
+        int64_t r0 = b * R;
+        int rows = n - r0 < R ? (int)(n - r0) : R;
+        for (int64_t i = 0; i < m; i++) {
+            float out[R];
+            if (rows == R) dot_bf16(w + r0 * k, k, x + i * k, R, out);
+            else dot_bf16(w + r0 * k, k, x + i * k, rows, out);
+            for (int q = 0; q < rows; q++) store(y, i * n + r0 + q, out[q], bias, r0 + q);
+        }
+    }
+}
+
+/* ---- integer weights: integer dot products ----------------------------------------------------
+ * vpdpbusd (64 u8 x s8 products into 16 int32 lanes) runs ~3x as many products per cycle as
+ * vdpbf16ps here, which the int4 unpacking needs. So a row of x is written in fixed point with a
+ * power-of-two step, xi = x / 2^(e - bits) rounded, |xi| < 2^bits, where max|x| < 2^e: exact for every
+ * element within 2^(bits - 7) of the largest (bf16 holds 8 significant bits), within half a step
+ * (max|x| / 2^(bits + 1)) for the rest. Each kernel splits xi into bytes; every integer sum is exact. */
+static float fixed_point(const uint16_t *x, int64_t k, int bits, int16_t *xi) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(bf16_f32(x[j])));
+    if (!isfinite(amax)) {  /* inf / NaN in x: the row's output is NaN */
+        memset(xi, 0, k * sizeof(int16_t));
+        return NAN;
+    }
+    int e = 0;
+    frexpf(amax, &e);
+    float inv = ldexpf(1.f, bits - e);
+    for (int64_t j = 0; j < k; j++) xi[j] = (int16_t)lrintf(bf16_f32(x[j]) * inv);
+    return ldexpf(1.f, e - bits);
+}
+
+/* int8, one scale per row. 15-bit xi; u = xi + 32768 = 256 hi + lo in unsigned bytes, q signed:
+ *   sum_k xi_k q_k = 256 sum hi_k q_k + sum lo_k q_k - 32768 sum q_k   (3 vpdpbusd per 64 weights) */
+static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, int64_t k, const uint8_t *hi,
+                                                           const uint8_t *lo, int rows, float *out) {
+    __m512i ah[R], al[R], aq[R];
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int q = 0; q < rows; q++) ah[q] = al[q] = aq[q] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k; j += 64) {
+        __mmask64 mask = k - j >= 64 ? ~0ull : (1ull << (k - j)) - 1;  /* the tail reads zeros */
+        prefetch_rows((const uint8_t *)(w + j), k, rows);
+        __m512i h = _mm512_maskz_loadu_epi8(mask, hi + j), l = _mm512_maskz_loadu_epi8(mask, lo + j);
+        for (int q = 0; q < rows; q++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(mask, w + q * k + j);
+            ah[q] = _mm512_dpbusd_epi32(ah[q], h, wv);
+            al[q] = _mm512_dpbusd_epi32(al[q], l, wv);
+            aq[q] = _mm512_dpbusd_epi32(aq[q], ones, wv);
+        }
+    }
+    for (int q = 0; q < rows; q++)
+        out[q] = (float)(256 * (int64_t)_mm512_reduce_add_epi32(ah[q]) + _mm512_reduce_add_epi32(al[q])
+                         - 32768 * (int64_t)_mm512_reduce_add_epi32(aq[q]));
+}
+
+void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k, const uint16_t *x, int64_t m,
+                  const uint16_t *bias, uint16_t *y, int threads) {
+    int16_t *xi = malloc(k * sizeof(int16_t));
+    uint8_t *hi = malloc(m * k), *lo = malloc(m * k);
+    float *step = malloc(m * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        step[i] = fixed_point(x + i * k, k, 15, xi);
+        for (int64_t j = 0; j < k; j++) {
+            uint32_t u = (uint32_t)(xi[j] + 32768);
+            hi[i * k + j] = (uint8_t)(u >> 8);
+            lo[i * k + j] = (uint8_t)(u & 255u);
+        }
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < (n + R - 1) / R; b++) {
+        int64_t r0 = b * R;
+        int rows = n - r0 < R ? (int)(n - r0) : R;
+        for (int64_t i = 0; i < m; i++) {
+            float out[R];
+            if (rows == R) dot_int8(w + r0 * k, k, hi + i * k, lo + i * k, R, out);
+            else dot_int8(w + r0 * k, k, hi + i * k, lo + i * k, rows, out);
+            for (int q = 0; q < rows; q++)
+                store(y, i * n + r0 + q, out[q] * step[i] * bf16_f32(scales[r0 + q]), bias, r0 + q);
+        }
+    }
+    free(xi); free(hi); free(lo); free(step);
+}
+
+/* int4, group-wise (scale, zero): byte j of a row holds column 2j in its low nibble and 2j+1 in its
+ * high nibble; w = (q - 8) s + z. 64 bytes give the low nibbles (even columns) and the high ones (odd
+ * columns) as unsigned bytes q, so x is split once per call into even and odd columns, each as
+ * signed bytes of a 14-bit xi = 256 hi + lo, hi = (xi + 128) >> 8 in [-64, 64], lo in [-128, 127]:
+ *   P_g = sum_k q_k xi_k = 256 sum q hi + sum q lo                  (4 vpdpbusd per 128 weights)
+ *   sum_k w_k x_k = step * sum_g s_g P_g + sum_g (z_g - 8 s_g) X_g,   X_g = sum_k x_k over g.
+ * Requires group % 128 == 0 (cpu_gemv.py checks): a group is whole 64-byte steps. */
+static inline __attribute__((always_inline)) void dot_int4(const uint8_t *w, int64_t k, const int8_t *xb,
+                                                           const uint16_t *scales, int64_t group, int rows,
+                                                           float *out) {
+    int64_t groups = k / group, half = k / 2;
+    const int8_t *eh = xb, *el = xb + half, *oh = xb + 2 * half, *ol = xb + 3 * half;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    __m512 acc[R];
+    for (int q = 0; q < rows; q++) acc[q] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i ph[R], pl[R];
+        for (int q = 0; q < rows; q++) ph[q] = pl[q] = _mm512_setzero_si512();
+        for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j += 64) {
+            prefetch_rows(w + j, half, rows);
+            __m512i veh = _mm512_loadu_si512(eh + j), vel = _mm512_loadu_si512(el + j);
+            __m512i voh = _mm512_loadu_si512(oh + j), vol = _mm512_loadu_si512(ol + j);
+            for (int q = 0; q < rows; q++) {
+                __m512i b = _mm512_loadu_si512(w + q * half + j);
+                __m512i even = _mm512_and_si512(b, nib), odd = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+                ph[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ph[q], even, veh), odd, voh);
+                pl[q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(pl[q], even, vel), odd, vol);
+            }
+        }
+        for (int q = 0; q < rows; q++) {
+            __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(ph[q], 8), pl[q]));
+            acc[q] = _mm512_fmadd_ps(p, _mm512_set1_ps(bf16_f32(scales[q * groups + g])), acc[q]);
+        }
+    }
+    for (int q = 0; q < rows; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
+}
+
+static inline __m512 bf16x16(__mmask16 mask, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* sum_g (z_g - 8 s_g) X_g over one row's groups, 16 at a time */
+static inline float zero_offset(const uint16_t *s, const uint16_t *z, const float *xsum, int64_t groups) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+        __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), bf16x16(mask, s + g), bf16x16(mask, z + g));
+        acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + g), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group, int64_t n,
+                  int64_t k, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
+    int64_t groups = k / group, half = k / 2;
+    int16_t *xi = malloc(k * sizeof(int16_t));
+    int8_t *xb = malloc(m * 4 * half);  /* per row: even hi, even lo, odd hi, odd lo */
+    float *step = malloc(m * sizeof(float)), *xsum = malloc(m * groups * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        step[i] = fixed_point(x + i * k, k, 14, xi);
+        int8_t *b = xb + i * 4 * half;
+        for (int64_t j = 0; j < k; j++) {
+            int32_t hi = (xi[j] + 128) >> 8;
+            int64_t at = (j & 1) * 2 * half + j / 2;
+            b[at] = (int8_t)hi;
+            b[at + half] = (int8_t)(xi[j] - 256 * hi);
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t j = g * group; j < (g + 1) * group; j++) s += bf16_f32(x[i * k + j]);
+            xsum[i * groups + g] = s;
+        }
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < (n + R - 1) / R; b++) {
+        int64_t r0 = b * R;
+        int rows = n - r0 < R ? (int)(n - r0) : R;
+        const uint8_t *wb = w + r0 * half;
+        for (int64_t i = 0; i < m; i++) {
+            float out[R];
+            if (rows == R) dot_int4(wb, k, xb + i * 4 * half, scales + r0 * groups, group, R, out);
+            else dot_int4(wb, k, xb + i * 4 * half, scales + r0 * groups, group, rows, out);
+            for (int q = 0; q < rows; q++) {
+                float offset = zero_offset(scales + (r0 + q) * groups, zeros + (r0 + q) * groups, xsum + i * groups, groups);
+                store(y, i * n + r0 + q, out[q] * step[i] + offset, bias, r0 + q);
+            }
+        }
+    }
+    free(xi); free(xb); free(step); free(xsum);
+}

@@ -1,0 +1,184 @@
+"""cpu_gemv: the decode-time CPU kernels equal the float64 product (within bf16 output rounding and, for
+integer weights, the activations' fixed-point step), they build where the CPU can run them, they are
+used by the model and the quantized layers, they work inside torch.compile, and turning them off
+falls back to torch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen2 import cpu_gemv
+from qwen2.config import ModelConfig
+from qwen2.generate import KVCache, decode_one, prefill
+from qwen2.model import build_model, linear
+from qwen2.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
+
+CPU_FLAGS = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+    if Path("/proc/cpuinfo").exists() else ""
+CAN_BUILD = (all(f in CPU_FLAGS.split() for f in ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"))
+             and shutil.which(os.environ.get("CC", "cc")) is not None and os.environ.get("QWEN2_CPU_GEMV") != "0")
+needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="CPU without AVX-512 BF16/VNNI or no C compiler")
+
+
+def test_kernels_build_where_the_cpu_can_run_them():
+    line = cpu_gemv.status()
+    if CAN_BUILD:
+        assert line.startswith("qwen2 CPU GEMV kernels on ("), line
+    else:
+        assert "torch's kernels" in line, line
+
+
+def rows(m, k, gen, dtype=torch.bfloat16):
+    return (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4).to(dtype)
+
+
+def assert_within(y, ref, extra=0.0):
+    """y (bf16) is ref rounded to bf16, up to fp32 accumulation and `extra` (a bound per element)."""
+    err = (y.double() - ref).abs()
+    bound = ref.abs() * 2.0**-8 + extra + 1e-5 * (1 + ref.abs())
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+SHAPES = [(1, 32, 1), (3, 33, 2), (4, 64, 1), (7, 100, 3), (130, 896, 1), (33, 4864, 8), (5, 1, 1)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_kernel_is_the_product_rounded(n, k, m, with_bias):
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    w, x = rows(n, k, g), rows(m, k, g)
+    b = rows(1, n, g)[0] if with_bias else None
+    y = cpu_gemv.gemv_bf16(x, w, b)
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert_within(y, ref)
+
+
+def fixed_point_slack(x, w_abs_rowsum, bits):
+    """Half the fixed-point step of each row of x (2^(e - bits - 1), max|x| < 2^e) times sum_k |w[n, k]|."""
+    amax = x.float().abs().amax(dim=1)
+    e = torch.frexp(amax).exponent.double()
+    return (2.0 ** (e - bits - 1))[:, None] * w_abs_rowsum[None, :]
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k,m", SHAPES)
+def test_int8_kernel_is_the_dequantized_product(n, k, m):
+    g = torch.Generator().manual_seed(n * 7 + k + m)
+    w, x, b = rows(n, k, g, torch.float32), rows(m, k, g), rows(1, n, g)[0]
+    q, s = quantize_int8(w, torch.bfloat16)
+    deq = q.double() * s.double()[:, None]
+    y = cpu_gemv.gemv_int8(x, q, s, b)
+    ref = x.double() @ deq.T + b.double()
+    assert_within(y, ref, fixed_point_slack(x, deq.abs().sum(1), 15))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k,m,group", [(1, 128, 1, 128), (6, 256, 2, 128), (130, 896, 1, 128),
+                                         (33, 4864, 8, 128), (9, 512, 3, 256)])
+def test_int4_kernel_is_the_dequantized_product(n, k, m, group):
+    assert cpu_gemv.int4_shape_ok(k, group)
+    g = torch.Generator().manual_seed(n + k + m + group)
+    w, x, b = rows(n, k, g, torch.float32), rows(m, k, g), rows(1, n, g)[0]
+    packed, s, z = quantize_int4(w, group, torch.bfloat16)
+    q = unpack_int4(packed).double().view(n, k // group, group)
+    deq = ((q - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
+    y = cpu_gemv.gemv_int4(x, packed, s, z, group, b)
+    ref = x.double() @ deq.T + b.double()
+    q_abs = ((q - 8).abs() * s.double()[..., None]).view(n, k).abs().sum(1)  # the part that meets x's rounding
+    assert_within(y, ref, fixed_point_slack(x, q_abs, 14))
+
+
+def test_int4_shapes_the_kernel_refuses():
+    assert not cpu_gemv.int4_shape_ok(896, 32) and not cpu_gemv.int4_shape_ok(200, 128)
+
+
+@needs_kernels
+def test_non_finite_activations_give_nan_rows_not_garbage():
+    g = torch.Generator().manual_seed(0)
+    w = rows(8, 256, g, torch.float32)
+    x = rows(2, 256, g)
+    x[1, 3] = float("inf")
+    q, s = quantize_int8(w, torch.bfloat16)
+    y8 = cpu_gemv.gemv_int8(x, q, s)
+    packed, s4, z4 = quantize_int4(w, 128, torch.bfloat16)
+    y4 = cpu_gemv.gemv_int4(x, packed, s4, z4, 128)
+    for y in (y8, y4):
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+@needs_kernels
+def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
+    calls = []
+    for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):
+        fn = getattr(cpu_gemv, name)
+        monkeypatch.setattr(cpu_gemv, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    g = torch.Generator().manual_seed(0)
+    w, x = rows(256, 256, g), rows(1, 256, g)
+    linear(x, w)
+    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    for bits in (8, 4):
+        q = quantize_model(build_model(small_config(), dtype=torch.bfloat16).eval(), bits=bits)
+        with torch.no_grad():
+            q(torch.tensor([[1]]))
+    assert {"gemv_bf16", "gemv_int8", "gemv_int4"} <= set(calls)
+    # many rows, fp32, or autograd: torch's path
+    calls.clear()
+    linear(rows(cpu_gemv.MAX_ROWS + 1, 256, g), w)
+    linear(x.float(), w.float())
+    linear(x, w.requires_grad_())
+    with torch.no_grad():
+        model(torch.zeros(1, cpu_gemv.MAX_ROWS + 1, dtype=torch.long))
+    assert calls == []
+
+
+def small_config():  # widths that int4 group 128 divides, so every layer takes the kernels
+    return ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=True, torch_dtype="bfloat16")
+
+
+def decode_logits(model):
+    cache = KVCache(model.config, 2, 32, dtype=torch.bfloat16)
+    prefill(model, torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]), cache)
+    return decode_one(model, torch.tensor([[11], [12]]), torch.tensor([[4], [4]]), cache)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
+    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    if bits:
+        model = quantize_model(model, bits=bits)
+    fast = decode_logits(model)
+    monkeypatch.setattr(cpu_gemv, "usable", lambda *a: False)
+    slow = decode_logits(model)
+    assert (fast - slow).norm() / slow.norm() < 2e-2  # bf16 roundings in different places only
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+@needs_kernels
+def test_the_kernels_inside_torch_compile():
+    g = torch.Generator().manual_seed(0)
+    w, b, x = rows(64, 128, g), rows(1, 64, g)[0], rows(1, 128, g)
+    q, s = quantize_int8(w.float(), torch.bfloat16)
+    eager = (linear(x, w, b), cpu_gemv.gemv_int8(x, q, s))
+    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_gemv.gemv_int8(x, q, s)), fullgraph=True)(x)
+    for a, c in zip(eager, compiled):
+        assert torch.equal(a, c)
+
+
+def test_turned_off_falls_back_to_torch():
+    code = ("import torch; from qwen2 import cpu_gemv; from qwen2.model import linear; "
+            "w = torch.randn(8, 16).bfloat16(); x = torch.randn(1, 16).bfloat16(); "
+            "y = linear(x, w); ref = x.float() @ w.float().T; "
+            "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_gemv.status())")
+    env = dict(os.environ, QWEN2_CPU_GEMV="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "qwen2 CPU GEMV kernels off (QWEN2_CPU_GEMV=0): torch's kernels"
