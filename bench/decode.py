@@ -12,6 +12,8 @@ One random Qwen2-0.5B-shaped model (ModelConfig.preset, weights ~ N(0, 0.02)), s
   prints which; QWEN2_CPU_GEMV=0 measures ours on torch's kernels instead);
 - roofline: weight bytes one decode step reads (`quantize.weight_bytes_per_token`) / this machine's
   memory bandwidth, measured in the same run (a sum over a tensor far larger than the caches).
+Before those, the one-row products alone: GB/s of weights ours (qwen2.cpu_gemv) and torch's kernels read
+over a 0.5B layer stack, beside the bandwidth.
 Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outputs are not uniform: a
 small Qwen2 (hidden 256) trained here for a minute or two on Python standard-library source, over the
 ids that text uses (the real tokenizer's, renumbered), evaluated on other stdlib files.
@@ -41,7 +43,8 @@ from qwen2 import cpu_gemv  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generate import KVCache, generate, prefill  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.quantize import quantize_model, weight_bytes_per_token  # noqa: E402
+from qwen2.quantize import (Int4Linear, quantize_int4, quantize_int8, quantize_model,  # noqa: E402
+                            weight_bytes_per_token)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +149,57 @@ def row(name, pre, hf_pre, dec, hf_dec, roof, vs_bf16=None) -> dict:
     }
 
 
+# ---- the matrix-vector products alone ----------------------------------------------------------------
+def gemv_rows(args) -> list[dict]:
+    """GB/s of weights read by one-row products over a Qwen2-0.5B layer stack (24 x q, k, v, o, gate, up,
+    down: far larger than the caches), ours (cpu_gemv) vs torch's (torch.mv for bf16, its int8 / int4
+    weight-only kernels), same run, best of --rounds alternating passes."""
+    config = ModelConfig.preset("Qwen2-0.5B")
+    h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    layers = 2 if args.quick else config.num_hidden_layers
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)] * layers
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g).mul_(0.02).bfloat16() for n, k in shapes]
+    xs = {k: torch.randn(1, k, generator=g).bfloat16() for k in (h, f)}
+    q8 = [quantize_int8(w, torch.bfloat16) for w in weights]
+    q4 = []
+    for w in weights:
+        layer = Int4Linear(w.shape[1], w.shape[0], group_size=128)
+        layer.weight, layer.scales, layer.zeros = quantize_int4(w, 128, torch.bfloat16)
+        layer.prepare()
+        q4.append(layer)
+    on = cpu_gemv.usable(xs[h])
+    sides = {
+        "bf16": (sum(w.numel() * 2 for w in weights),
+                 lambda: [cpu_gemv.gemv_bf16(xs[w.shape[1]], w) for w in weights],
+                 lambda: [torch.mv(w, xs[w.shape[1]][0]) for w in weights]),
+        "int8": (sum(q.numel() for q, _ in q8),
+                 lambda: [cpu_gemv.gemv_int8(xs[q.shape[1]], q, s) for q, s in q8],
+                 lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in q8]),
+        "int4 g128": (sum(m.weight.numel() for m in q4),
+                      lambda: [cpu_gemv.gemv_int4(xs[m.in_features], m.weight, m.scales, m.zeros, 128) for m in q4],
+                      lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[m.in_features], m.packed, 128,
+                                                                          m.scales_and_zeros) for m in q4]),
+    }
+    best = {}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, (nbytes, ours, ref) in sides.items():
+                for who, fn in (("ours", ours), ("torch", ref)):
+                    if who == "ours" and not on:
+                        continue
+                    fn()
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name, who] = max(best.get((name, who), 0.0), nbytes / (time.perf_counter() - t0))
+    bw = bandwidth(0.25 if args.quick else 1.0)
+    print(f"one-row products over {layers} layers' weights; memory read bandwidth {bw / 1e9:.1f} GB/s")
+    return [{"weights": name, "ours GB/s": f"{best[name, 'ours'] / 1e9:.1f}" if on else "-",
+             "torch GB/s": f"{best[name, 'torch'] / 1e9:.1f}",
+             "ratio": f"{best[name, 'ours'] / best[name, 'torch']:.2f}x" if on else "-",
+             "ours % of bandwidth": f"{100 * best[name, 'ours'] / bw:.0f}%" if on else "-"} for name in sides]
+
+
 # ---- perplexity -------------------------------------------------------------------------------------
 def stdlib_ids(tokenizer_dir: Path, chars: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(train ids, held-out ids) of stdlib source text, renumbered to the ids the text uses."""
@@ -235,6 +289,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode of {args.tokens} tokens after a "
           f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else ""))
     print(cpu_gemv.status())
+    rows = gemv_rows(args)
+    print(table(rows, list(rows[0])))
     rows = speed_rows(args)
     print(table(rows, list(rows[0])))
     if not args.skip_ppl:
