@@ -38,9 +38,11 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer, not one [L, ...] tensor: a compiled step that writes into a view of a shared
+        # buffer copies the whole buffer for every layer's write (functionalization), 24 times per token.
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)
         self.rows = torch.arange(batch_size, device=device)
@@ -399,8 +401,8 @@ class ChatSession:
             old, self.cache = self.cache, KVCache(config, 1, n, dtype=_activation_dtype(self.model),
                                                   device=self.model.model.embed_tokens.weight.device)
             if old is not None:
-                self.cache.k[..., : old.max_len, :] = old.k
-                self.cache.v[..., : old.max_len, :] = old.v
+                for new_layer, old_layer in zip(self.cache.k + self.cache.v, old.k + old.v):
+                    new_layer[..., : old.max_len, :] = old_layer
         return self.cache
 
     def reply(self, prompt_ids: list[int]) -> Iterator[str]:
