@@ -2,12 +2,12 @@
 
 One-token decode reads every weight once per token, so it runs at the speed weights stream from
 memory. torch's bf16 GEMV and its int8/int4 weight-only kernels stream at well under the machine's
-bandwidth (bench/decode.py); cpu_gemv.c, beside this file, streams near it with AVX-512 BF16. It is
-compiled on first use with the machine's C compiler (`cc -O3 -march=native -fopenmp`) into
-~/.cache/qwen2 (or $XDG_CACHE_HOME/qwen2), keyed by the source, the flags and the CPU, then loaded
-with ctypes: no build step at install, nothing to download. Where it cannot be built (no compiler,
-a CPU without AVX-512 BF16, not Linux x86-64) or QWEN2_CPU_GEMV=0 is set, `enabled()` is False and
-callers keep torch's kernels; `status()` says which and why.
+bandwidth (bench/decode.py); cpu_gemv.c, beside this file, streams near it with AVX-512 BF16 and
+VNNI. It is compiled on first use with the machine's C compiler (`cc -O3 -march=native -fopenmp`)
+into ~/.cache/qwen2 (or $XDG_CACHE_HOME/qwen2), keyed by the source, the flags and the CPU, then
+loaded with ctypes: no build step at install, nothing to download. Where it cannot be built (no compiler,
+a CPU without those instructions, not Linux x86-64) or QWEN2_CPU_GEMV=0 is set, `usable()` is False
+and callers keep torch's kernels; `status()` says which and why.
 
 Callers (model.linear, quantize.Int8Linear / Int4Linear) use it for at most MAX_ROWS rows, without
 autograd; everything else is torch's. Inside torch.compile the kernels are the ops torch.ops.qwen2.*.
@@ -31,7 +31,7 @@ from qwen2.files import atomic_path
 
 MAX_ROWS = 4  # from 4-5 rows on torch's GEMM and int kernels are as fast (bench: a 4864 x 896 layer, 2 cores)
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -69,7 +69,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     path = _cache_dir() / f"cpu_gemv-{key.hexdigest()[:16]}.so"
     if not path.exists():
         with atomic_path(path) as tmp:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
             if done.returncode:
                 first = (done.stderr.strip().splitlines() or ["?"])[0]
                 raise OSError(f"{cc} failed: {first}")
