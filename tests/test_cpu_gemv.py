@@ -114,6 +114,23 @@ def test_non_finite_activations_give_nan_rows_not_garbage():
 
 
 @needs_kernels
+def test_tiny_activations_keep_a_finite_fixed_point():
+    """Activations near the bottom of bf16's range (max|x| < 2^-112): the fixed-point step stays finite
+    (its inverse would overflow fp32), so the product is still close instead of garbage."""
+    g = torch.Generator().manual_seed(1)
+    w = rows(8, 256, g, torch.float32) * 2.0**100
+    x = (rows(2, 256, g).double() * 2.0**-120).to(torch.bfloat16)
+    q, s = quantize_int8(w, torch.bfloat16)
+    ref8 = x.double() @ (q.double() * s.double()[:, None]).T
+    packed, s4, z4 = quantize_int4(w, 128, torch.bfloat16)
+    q4 = unpack_int4(packed).double().view(8, 2, 128)
+    ref4 = x.double() @ ((q4 - 8) * s4.double()[..., None] + z4.double()[..., None]).view(8, 256).T
+    for y, ref in ((cpu_gemv.gemv_int8(x, q, s), ref8), (cpu_gemv.gemv_int4(x, packed, s4, z4, 128), ref4)):
+        assert torch.isfinite(y).all()
+        assert ((y.double() - ref).abs() <= 0.05 * ref.abs().max()).all()
+
+
+@needs_kernels
 def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
     calls = []
     for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):

@@ -86,18 +86,38 @@ void q2_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, in
  * power-of-two step, xi = x / 2^(e - bits) rounded, |xi| < 2^bits, where max|x| < 2^e: exact for every
  * element within 2^(bits - 7) of the largest (bf16 holds 8 significant bits), within half a step
  * (max|x| / 2^(bits + 1)) for the rest. Each kernel splits xi into bytes; every integer sum is exact. */
-static float fixed_point(const uint16_t *x, int64_t k, int bits, int16_t *xi) {
-    float amax = 0.f;
-    for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(bf16_f32(x[j])));
-    if (!isfinite(amax)) {  /* inf / NaN in x: the row's output is NaN */
-        memset(xi, 0, k * sizeof(int16_t));
+static inline __m512 bf16x16(__mmask16 mask, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+static inline __mmask16 first16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* Row x's step 2^(e - bits) (returned) and its inverse (*inv); NaN and 0 when x holds inf / NaN, which
+ * makes the row's output NaN. A bf16's magnitude orders as its bits without the sign (NaN above inf), so
+ * the largest is an integer max. e stays >= bits - 126 so that the inverse is a finite float. */
+static float fixed_step(const uint16_t *x, int64_t k, int bits, float *inv) {
+    __m512i big = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k; j += 32) {
+        __mmask32 mask = k - j >= 32 ? ~0u : (__mmask32)((1ull << (k - j)) - 1);
+        big = _mm512_max_epu16(big, _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, x + j), _mm512_set1_epi16(0x7fff)));
+    }
+    uint16_t lanes[32], amax = 0;
+    _mm512_storeu_si512(lanes, big);
+    for (int q = 0; q < 32; q++) amax = lanes[q] > amax ? lanes[q] : amax;
+    if (amax >= 0x7f80) {
+        *inv = 0.f;
         return NAN;
     }
     int e = 0;
-    frexpf(amax, &e);
-    float inv = ldexpf(1.f, bits - e);
-    for (int64_t j = 0; j < k; j++) xi[j] = (int16_t)lrintf(bf16_f32(x[j]) * inv);
+    frexpf(bf16_f32(amax), &e);
+    e = e < bits - 126 ? bits - 126 : e;
+    *inv = ldexpf(1.f, bits - e);
     return ldexpf(1.f, e - bits);
+}
+
+/* xi = x * inv rounded to nearest even, for x[j .. j+16) (masked), as int32 lanes */
+static inline __m512i fixed16(const uint16_t *x, __mmask16 mask, float inv) {
+    return _mm512_cvtps_epi32(_mm512_mul_ps(bf16x16(mask, x), _mm512_set1_ps(inv)));
 }
 
 /* int8, one scale per row. 15-bit xi; u = xi + 32768 = 256 hi + lo in unsigned bytes, q signed:
@@ -125,15 +145,15 @@ static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, int6
 
 void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k, const uint16_t *x, int64_t m,
                   const uint16_t *bias, uint16_t *y, int threads) {
-    int16_t *xi = malloc(k * sizeof(int16_t));
     uint8_t *hi = malloc(m * k), *lo = malloc(m * k);
-    float *step = malloc(m * sizeof(float));
+    float *step = malloc(m * sizeof(float)), inv;
     for (int64_t i = 0; i < m; i++) {
-        step[i] = fixed_point(x + i * k, k, 15, xi);
-        for (int64_t j = 0; j < k; j++) {
-            uint32_t u = (uint32_t)(xi[j] + 32768);
-            hi[i * k + j] = (uint8_t)(u >> 8);
-            lo[i * k + j] = (uint8_t)(u & 255u);
+        step[i] = fixed_step(x + i * k, k, 15, &inv);
+        for (int64_t j = 0; j < k; j += 16) {
+            __mmask16 mask = first16(k - j);
+            __m512i u = _mm512_add_epi32(fixed16(x + i * k + j, mask, inv), _mm512_set1_epi32(32768));
+            _mm_mask_storeu_epi8(hi + i * k + j, mask, _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+            _mm_mask_storeu_epi8(lo + i * k + j, mask, _mm512_cvtepi32_epi8(u));  /* the low byte */
         }
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
@@ -148,7 +168,7 @@ void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k,
                 store(y, i * n + r0 + q, out[q] * step[i] * bf16_f32(scales[r0 + q]), bias, r0 + q);
         }
     }
-    free(xi); free(hi); free(lo); free(step);
+    free(hi); free(lo); free(step);
 }
 
 /* int4, group-wise (scale, zero): byte j of a row holds column 2j in its low nibble and 2j+1 in its
@@ -188,10 +208,6 @@ static inline __attribute__((always_inline)) void dot_int4(const uint8_t *w, int
     for (int q = 0; q < rows; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
 }
 
-static inline __m512 bf16x16(__mmask16 mask, const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
 /* sum_g (z_g - 8 s_g) X_g over one row's groups, 16 at a time */
 static inline float zero_offset(const uint16_t *s, const uint16_t *z, const float *xsum, int64_t groups) {
     __m512 acc = _mm512_setzero_ps();
@@ -206,22 +222,27 @@ static inline float zero_offset(const uint16_t *s, const uint16_t *z, const floa
 void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group, int64_t n,
                   int64_t k, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
     int64_t groups = k / group, half = k / 2;
-    int16_t *xi = malloc(k * sizeof(int16_t));
     int8_t *xb = malloc(m * 4 * half);  /* per row: even hi, even lo, odd hi, odd lo */
-    float *step = malloc(m * sizeof(float)), *xsum = malloc(m * groups * sizeof(float));
+    float *step = malloc(m * sizeof(float)), *xsum = malloc(m * groups * sizeof(float)), inv;
+    const __m128i deal = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);  /* evens, odds */
     for (int64_t i = 0; i < m; i++) {
-        step[i] = fixed_point(x + i * k, k, 14, xi);
+        const uint16_t *xr = x + i * k;
         int8_t *b = xb + i * 4 * half;
-        for (int64_t j = 0; j < k; j++) {
-            int32_t hi = (xi[j] + 128) >> 8;
-            int64_t at = (j & 1) * 2 * half + j / 2;
-            b[at] = (int8_t)hi;
-            b[at + half] = (int8_t)(xi[j] - 256 * hi);
+        step[i] = fixed_step(xr, k, 14, &inv);
+        for (int64_t j = 0; j < k; j += 16) {  /* k % 128 == 0 */
+            __m512i xi = fixed16(xr + j, 0xFFFF, inv);
+            __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
+            __m128i hb = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(h), deal);
+            __m128i lb = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(_mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8))), deal);
+            _mm_storel_epi64((__m128i *)(b + j / 2), hb);
+            _mm_storel_epi64((__m128i *)(b + half + j / 2), lb);
+            _mm_storel_epi64((__m128i *)(b + 2 * half + j / 2), _mm_unpackhi_epi64(hb, hb));
+            _mm_storel_epi64((__m128i *)(b + 3 * half + j / 2), _mm_unpackhi_epi64(lb, lb));
         }
         for (int64_t g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int64_t j = g * group; j < (g + 1) * group; j++) s += bf16_f32(x[i * k + j]);
-            xsum[i * groups + g] = s;
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t j = g * group; j < (g + 1) * group; j += 16) s = _mm512_add_ps(s, bf16x16(0xFFFF, xr + j));
+            xsum[i * groups + g] = _mm512_reduce_add_ps(s);
         }
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
@@ -239,5 +260,5 @@ void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zero
             }
         }
     }
-    free(xi); free(xb); free(step); free(xsum);
+    free(xb); free(step); free(xsum);
 }
