@@ -8,11 +8,11 @@ One random Qwen2-0.5B-shaped model (ModelConfig.preset, weights ~ N(0, 0.02)), s
   (decode step compiled with --compile); transformers: `model.generate` (its default dynamic cache), the
   per-token time taken as (T(N tokens) - T(1 token)) / (N - 1), ours as the decode loop's own (N - 1) steps;
 - fp32 and bf16 for both, int8 and int4 (group 128, output layer quantized too) for ours;
-- ours runs its decode-time matrix-vector products through qwen2.cpu_gemv where it builds (the run
-  prints which; QWEN2_CPU_GEMV=0 measures ours on torch's kernels instead);
+- ours runs its decode-time matrix-vector products through qwen2.cpu_kernels where it builds (the run
+  prints which; QWEN2_CPU_KERNELS=0 measures ours on torch's kernels instead);
 - roofline: weight bytes one decode step reads (`quantize.weight_bytes_per_token`) / this machine's
   memory bandwidth, measured in the same run (a sum over a tensor far larger than the caches).
-Before those, the one-row products alone: GB/s of weights ours (qwen2.cpu_gemv) and torch's kernels read
+Before those, the one-row products alone: GB/s of weights ours (qwen2.cpu_kernels) and torch's kernels read
 over a 0.5B layer stack, beside the bandwidth.
 Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outputs are not uniform: a
 small Qwen2 (hidden 256) trained here for a minute or two on Python standard-library source, over the
@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
 
-from qwen2 import cpu_gemv  # noqa: E402
+from qwen2 import cpu_kernels  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generate import KVCache, generate, prefill  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
@@ -152,7 +152,7 @@ def row(name, pre, hf_pre, dec, hf_dec, roof, vs_bf16=None) -> dict:
 # ---- the matrix-vector products alone ----------------------------------------------------------------
 def gemv_rows(args) -> list[dict]:
     """GB/s of weights read by one-row products over a Qwen2-0.5B layer stack (24 x q, k, v, o, gate, up,
-    down: far larger than the caches), ours (cpu_gemv) vs torch's (torch.mv for bf16, its int8 / int4
+    down: far larger than the caches), ours (cpu_kernels) vs torch's (torch.mv for bf16, its int8 / int4
     weight-only kernels), same run, best of --rounds alternating passes."""
     config = ModelConfig.preset("Qwen2-0.5B")
     h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
@@ -168,16 +168,16 @@ def gemv_rows(args) -> list[dict]:
         layer.weight, layer.scales, layer.zeros = quantize_int4(w, 128, torch.bfloat16)
         layer.prepare()
         q4.append(layer)
-    on = cpu_gemv.usable(xs[h])
+    on = cpu_kernels.usable(xs[h])
     sides = {
         "bf16": (sum(w.numel() * 2 for w in weights),
-                 lambda: [cpu_gemv.gemv_bf16(xs[w.shape[1]], w) for w in weights],
+                 lambda: [cpu_kernels.gemv_bf16(xs[w.shape[1]], w) for w in weights],
                  lambda: [torch.mv(w, xs[w.shape[1]][0]) for w in weights]),
         "int8": (sum(q.numel() for q, _ in q8),
-                 lambda: [cpu_gemv.gemv_int8(xs[q.shape[1]], q, s) for q, s in q8],
+                 lambda: [cpu_kernels.gemv_int8(xs[q.shape[1]], q, s) for q, s in q8],
                  lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in q8]),
         "int4 g128": (sum(m.weight.numel() for m in q4),
-                      lambda: [cpu_gemv.gemv_int4(xs[m.in_features], m.weight, m.scales, m.zeros, 128) for m in q4],
+                      lambda: [cpu_kernels.gemv_int4(xs[m.in_features], m.weight, m.scales, m.zeros, 128) for m in q4],
                       lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[m.in_features], m.packed, 128,
                                                                           m.scales_and_zeros) for m in q4]),
     }
@@ -288,7 +288,7 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode of {args.tokens} tokens after a "
           f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else ""))
-    print(cpu_gemv.status())
+    print(cpu_kernels.status())
     rows = gemv_rows(args)
     print(table(rows, list(rows[0])))
     rows = speed_rows(args)

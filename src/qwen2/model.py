@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2 import cpu_gemv
+from qwen2 import cpu_kernels
 from qwen2.attention import attend
 from qwen2.config import ModelConfig
 from qwen2.rope import apply_rotary, inv_frequencies, rope_cos_sin
@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.eager_usable(x, self.weight):  # bf16 on CPU: one kernel call for these 8 ops
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * n.to(x.dtype)
@@ -37,11 +39,11 @@ class RMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for decode-sized inputs on CPU (a few rows, reduced precision): bf16 goes through
-    cpu_gemv's kernels where they are built, else one row goes through torch.mv — torch's CPU GEMM at
+    cpu_kernels's kernels where they are built, else one row goes through torch.mv — torch's CPU GEMM at
     M = 1 in reduced precision runs several times slower than its GEMV (bench/decode.py)."""
     if x.dtype == weight.dtype and x.dtype != torch.float32 and x.device.type == "cpu":
-        if cpu_gemv.usable(x, weight, *(() if bias is None else (bias,))):
-            return cpu_gemv.gemv_bf16(x, weight, bias)
+        if cpu_kernels.usable(x, weight, *(() if bias is None else (bias,))):
+            return cpu_kernels.gemv_bf16(x, weight, bias)
         if x.numel() == x.shape[-1]:
             y = torch.mv(weight, x.reshape(-1))
             return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])

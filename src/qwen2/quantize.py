@@ -4,7 +4,7 @@ int8: symmetric, one scale per output channel:   w[n, k] ~ q[n, k] * scale[n],  
 int4: asymmetric, one (scale, zero) per group of `group_size` input channels (default 128):
       w[n, k] ~ (q[n, k] - 8) * scale[n, g] + zero[n, g],   q in [0, 15], g = k // group_size
       (torch's int4 kernels' convention: `zero` is the value q = 8 stands for; scale = (max - min) / 15.)
-Activations stay in the model's dtype. The matmul on CPU: for a few bf16 rows (decode) cpu_gemv's
+Activations stay in the model's dtype. The matmul on CPU: for a few bf16 rows (decode) cpu_kernels's
 kernels, which read the saved layout directly; for many rows (prefill, from DEQUANTIZE_ROWS) a float
 matmul over the dequantized weight; in between torch's weight-only kernels (`torch._weight_int8pack_mm`;
 `aten._weight_int4pack_mm_for_cpu` over the layout made by `aten._convert_weight_to_int4pack_for_cpu`).
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2 import cpu_gemv
+from qwen2 import cpu_kernels
 
 METHOD = "weight_only"
 
@@ -48,7 +48,7 @@ HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 HAS_INT4_MM = _has("_weight_int4pack_mm_for_cpu") and _has("_convert_weight_to_int4pack_for_cpu")
 # From this many rows (prefill) a float matmul over the dequantized weight beats torch's int kernels,
 # which are built for few rows (a 512 x 896 x 4864 product on the 2-core machine: int8 32 ms vs 3.5 ms
-# dequantized, int4 30 ms vs 16 ms). Up to cpu_gemv.MAX_ROWS rows cpu_gemv's kernels run first.
+# dequantized, int4 30 ms vs 16 ms). Up to cpu_kernels.MAX_ROWS rows cpu_kernels's kernels run first.
 DEQUANTIZE_ROWS = {8: 32, 4: 256}
 
 
@@ -89,8 +89,8 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_gemv.usable(x):
-            return cpu_gemv.gemv_int8(x, self.weight, self.scales, self.bias)
+        if cpu_kernels.usable(x):
+            return cpu_kernels.gemv_int8(x, self.weight, self.scales, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         s = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
@@ -151,8 +151,8 @@ class Int4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_gemv.usable(x) and cpu_gemv.int4_shape_ok(self.in_features, self.group_size):
-            return cpu_gemv.gemv_int4(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
+        if cpu_kernels.usable(x) and cpu_kernels.int4_shape_ok(self.in_features, self.group_size):
+            return cpu_kernels.gemv_int4(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed is not None and x.device.type == "cpu" and x2.shape[0] < DEQUANTIZE_ROWS[4]:

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from qwen2 import cpu_kernels
 from qwen2.config import ModelConfig
 
 
@@ -60,6 +61,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, d]; cos/sin [B, T, d]. x*cos + rotate_half(x)*sin with rotate_half = (-x2, x1)."""
+    if x.shape[2] == 1 and cpu_kernels.eager_usable(x, cos, sin):  # a bf16 decode step on CPU: one kernel call
+        return cpu_kernels.rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,16 +1,20 @@
-"""Decode-time matrix-vector products on CPU: bf16, int8 and int4 weights times a few bf16 rows.
+"""CPU kernels for a bf16 / int8 / int4 decode step: matrix-vector products, RMSNorm, RoPE, attention.
 
 One-token decode reads every weight once per token, so it runs at the speed weights stream from
 memory. torch's bf16 GEMV and its int8/int4 weight-only kernels stream at well under the machine's
-bandwidth (bench/decode.py); cpu_gemv.c, beside this file, streams near it with AVX-512 BF16 and
-VNNI. It is compiled on first use with the machine's C compiler (`cc -O3 -march=native -fopenmp`)
+bandwidth (bench/decode.py); cpu_kernels.c, beside this file, streams near it with AVX-512 BF16 and
+VNNI. Around those products a decode step is ~60 small torch ops a layer, a few microseconds each
+(SDPA's setup ~100 us): rms_norm, rotary and decode_attention do their work in one call each.
+The C file is compiled on first use with the machine's C compiler (`cc -O3 -march=native -fopenmp`)
 into ~/.cache/qwen2 (or $XDG_CACHE_HOME/qwen2), keyed by the source, the flags and the CPU, then
 loaded with ctypes: no build step at install, nothing to download. Where it cannot be built (no compiler,
-a CPU without those instructions, not Linux x86-64) or QWEN2_CPU_GEMV=0 is set, `usable()` is False
-and callers keep torch's kernels; `status()` says which and why.
+a CPU without those instructions, not Linux x86-64) or QWEN2_CPU_KERNELS=0 is set, the predicates below
+are False and callers keep torch's ops; `status()` says which and why.
 
-Callers (model.linear, quantize.Int8Linear / Int4Linear) use it for at most MAX_ROWS rows, without
-autograd; everything else is torch's. Inside torch.compile the kernels are the ops torch.ops.qwen2.*.
+Callers: model.linear and quantize.Int8Linear / Int4Linear (GEMV, at most MAX_ROWS rows: `usable`),
+model.RMSNorm and rope.apply_rotary (`eager_usable`), attention.attend (`decode_attention_ok`); never
+with autograd. Inside torch.compile the GEMVs and the attention are the ops torch.ops.qwen2.*; RMSNorm
+and RoPE are left to inductor, which fuses them itself.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from qwen2.files import atomic_path
 
 MAX_ROWS = 4  # from 4-5 rows on torch's GEMM and int kernels are as fast (bench: a 4864 x 896 layer, 2 cores)
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -58,15 +62,15 @@ def _cache_dir() -> Path:
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("QWEN2_CPU_GEMV", "1") == "0":
-        return None, "off (QWEN2_CPU_GEMV=0): torch's kernels"
+    if os.environ.get("QWEN2_CPU_KERNELS", "1") == "0":
+        return None, "off (QWEN2_CPU_KERNELS=0): torch's kernels"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"not built on {platform.system()} {platform.machine()}: torch's kernels"
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None, f"no C compiler ({cc}): torch's kernels"
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cc, *FLAGS]).encode(), _cpu_flags().encode()]))
-    path = _cache_dir() / f"cpu_gemv-{key.hexdigest()[:16]}.so"
+    path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         with atomic_path(path) as tmp:
             done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
@@ -78,6 +82,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.q2_gemv_bf16.argtypes = [p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int8.argtypes = [p, p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int4.argtypes = [p, p, p, i64, i64, i64, p, i64, p, p, c_int]
+    lib.q2_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.q2_rotary.argtypes = [p, p, p, i64, i64, i64, p]
+    lib.q2_decode_attention.argtypes = [p, p, p, i64, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
     return lib, f"on ({path})"
 
 
@@ -96,18 +103,29 @@ def _library() -> ctypes.CDLL | None:
 def status() -> str:
     """One line: whether the kernels are in use, and why not."""
     _library()
-    return f"qwen2 CPU GEMV kernels {_status}"
+    return f"qwen2 CPU kernels {_status}"
+
+
+def _ready(tensors) -> bool:
+    """On CPU, no autograd, the library built (built before compiling, so a traced graph only reads it)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return (_lib if torch.compiler.is_compiling() else _library()) is not None
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """True when x [..., K] (and the weights) may go through these kernels: bf16 activations on CPU,
-    at most MAX_ROWS rows, no autograd, and the library built (built before compiling, so a traced
-    graph only reads the result)."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() > MAX_ROWS * x.shape[-1]:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-        return False
-    return (_lib if torch.compiler.is_compiling() else _library()) is not None
+    """True when x [..., K] times these weights may go through the GEMV kernels: bf16 activations on CPU,
+    at most MAX_ROWS rows, no autograd, and the library built."""
+    return x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and _ready((x, *weights))
+
+
+def eager_usable(*tensors: torch.Tensor) -> bool:
+    """True when rms_norm / rotary / decode_attention may take these tensors: all bf16 on CPU, no autograd,
+    outside torch.compile (they are not torch ops: inductor fuses the small ops they replace itself)."""
+    return (not torch.compiler.is_compiling() and all(t.dtype == torch.bfloat16 for t in tensors)
+            and _ready(tensors))
 
 
 def _bf16_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -184,3 +202,51 @@ def gemv_int4(x, weight, scales, zeros, group_size: int, bias=None) -> torch.Ten
     """x @ W^T + bias for quantize.py's int4 layout: weight uint8 [N, K/2] (column 2j in the low nibble
     of byte j), W[n, k] = (q - 8) * scales[n, g] + zeros[n, g], g = k // group_size."""
     return _run("gemv_int4", _int4, x, weight, scales, zeros, group_size, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm of bf16 x [..., K] with a bf16 weight [K], rounded where transformers' rounds."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    k = x.shape[-1]
+    _library().q2_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), x.numel() // k, k, eps, y.data_ptr())
+    return y
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope.apply_rotary for one position per row: x [B, H, 1, d], cos / sin [B, 1, d]."""
+    b, h, _, d = x.shape
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    y = torch.empty_like(x)
+    _library().q2_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, d, y.data_ptr())
+    return y
+
+
+def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when decode_attention may take these (also inside torch.compile, as an op): bf16 on CPU, no
+    autograd, one query per row, k and v alike with rows of d contiguous."""
+    d = q.shape[-1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[2] == 1 and q.shape[1] % k.shape[1] == 0
+            and k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1 and k.stride(-2) == d
+            and _ready((q, k, v)))
+
+
+def _decode_attention(q, k, v, mask) -> torch.Tensor:
+    b, hq, _, d = q.shape
+    q = q.contiguous()
+    m = mask.reshape(b, -1).contiguous()
+    out = torch.empty_like(q)
+    _library().q2_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), m.data_ptr(),
+                                   b, hq, k.shape[1], k.shape[2], d, d**-0.5, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+_ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor")
+_ops.impl("decode_attention", _decode_attention, "CPU")
+torch.library.register_fake("qwen2::decode_attention", lambda q, k, v, mask: torch.empty_like(q), lib=_ops)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA for one query per row: q [B, Hq, 1, d]; k, v [B, Hkv, W, d] (views of a cache: see
+    decode_attention_ok); mask [B, 1, 1, W] bool (True: may attend). Query head a reads KV head a // (Hq / Hkv)."""
+    return _run("decode_attention", _decode_attention, q, k, v, mask)

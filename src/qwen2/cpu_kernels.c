@@ -1,13 +1,14 @@
-/* y = x W^T + bias for a few bf16 activation rows x (one-token decode), on x86 CPUs with AVX-512 BF16 + VNNI.
+/* The CPU side of a bf16 / int8 / int4 decode step on x86 CPUs with AVX-512 BF16 + VNNI: y = x W^T + bias
+ * for a few bf16 activation rows x, then (at the end of the file) RMSNorm, RoPE and attention over the cache.
  *
  * Decode reads every weight once per token, so its speed is the rate at which weights stream from
  * memory. torch's bf16 GEMV reaches ~15 GB/s on this project's 2-core machine (fp32 reaches ~25);
  * these loops reach ~20-23 GB/s by keeping few instructions per cache line (vdpbf16ps: 32 bf16
  * products per instruction), four weight rows in flight, and a software prefetch far ahead of each row.
- * Built by cpu_gemv.py with the machine's own compiler (-march=native); if the CPU lacks the
+ * Built by cpu_kernels.py with the machine's own compiler (-march=native); if the CPU lacks the
  * instructions this file does not compile and qwen2 falls back to torch's kernels.
  *
- * Every function: w [n, k] (row-major), x [m, k] bf16, bias [n] bf16 or NULL, y [m, n] bf16 (rounded
+ * Every product: w [n, k] (row-major), x [m, k] bf16, bias [n] bf16 or NULL, y [m, n] bf16 (rounded
  * to nearest even from an fp32 accumulator), rows split over `threads` OpenMP threads. The OpenMP
  * runtime is torch's (same soname, loaded first), so both share one thread pool.
  */
@@ -18,7 +19,7 @@
 #include <string.h>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
-#error "cpu_gemv.c needs AVX-512 F, BW, BF16 and VNNI"
+#error "cpu_kernels.c needs AVX-512 F, BW, BF16 and VNNI"
 #endif
 
 #ifndef R
@@ -177,7 +178,7 @@ void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k,
  * signed bytes of a 14-bit xi = 256 hi + lo, hi = (xi + 128) >> 8 in [-64, 64], lo in [-128, 127]:
  *   P_g = sum_k q_k xi_k = 256 sum q hi + sum q lo                  (4 vpdpbusd per 128 weights)
  *   sum_k w_k x_k = step * sum_g s_g P_g + sum_g (z_g - 8 s_g) X_g,   X_g = sum_k x_k over g.
- * Requires group % 128 == 0 (cpu_gemv.py checks): a group is whole 64-byte steps. */
+ * Requires group % 128 == 0 (cpu_kernels.py checks): a group is whole 64-byte steps. */
 static inline __attribute__((always_inline)) void dot_int4(const uint8_t *w, int64_t k, const int8_t *xb,
                                                            const uint16_t *scales, int64_t group, int rows,
                                                            float *out) {
@@ -261,4 +262,166 @@ void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zero
         }
     }
     free(xb); free(step); free(xsum);
+}
+
+/* ---- the rest of a bf16 decode step: RMSNorm, RoPE, attention over the cache ----------------------
+ * Each replaces 5-12 small torch ops (a few us each; SDPA's setup ~100 us) by one call. Values are
+ * rounded to bf16 where torch's bf16 ops round them. */
+
+static inline __m512 round_bf16(__m512 v) {  /* to the nearest even bf16, kept as fp32; NaN stays NaN */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i up = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, up), _mm512_set1_epi32((int)0xffff0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))));
+}
+
+static inline void store_bf16(uint16_t *p, __mmask16 mask, __m512 rounded) {  /* rounded: from round_bf16 */
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+/* x [m, k] -> y = bf16(w * bf16(x / sqrt(mean(x^2) + eps))): transformers' Qwen2RMSNorm in bf16 (the
+ * squares rounded to fp32 before the sum, as x.pow(2) does) */
+void q2_rms_norm(const uint16_t *x, const uint16_t *w, int64_t m, int64_t k, float eps, uint16_t *y) {
+    for (int64_t i = 0; i < m; i++) {
+        const uint16_t *xr = x + i * k;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; j += 16) {
+            __m512 v = bf16x16(first16(k - j), xr + j);
+            s = _mm512_add_ps(s, _mm512_mul_ps(v, v));
+        }
+        __m512 r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(s) / (float)k + eps));
+        for (int64_t j = 0; j < k; j += 16) {
+            __mmask16 mask = first16(k - j);
+            __m512 n = round_bf16(_mm512_mul_ps(bf16x16(mask, xr + j), r));
+            store_bf16(y + i * k + j, mask, round_bf16(_mm512_mul_ps(bf16x16(mask, w + j), n)));
+        }
+    }
+}
+
+/* Half-split RoPE, x [m, heads, d] with cos / sin [m, d]: y = bf16(bf16(x cos) + bf16(rotate_half(x) sin)),
+ * rotate_half(x) = (-x2, x1) */
+void q2_rotary(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t m, int64_t heads, int64_t d,
+               uint16_t *y) {
+    int64_t h = d / 2;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t a = 0; a < heads; a++) {
+            const uint16_t *xr = x + (i * heads + a) * d, *c = cos + i * d, *s = sin + i * d;
+            uint16_t *yr = y + (i * heads + a) * d;
+            for (int64_t j = 0; j < h; j += 16) {
+                __mmask16 mask = first16(h - j);
+                __m512 x1 = bf16x16(mask, xr + j), x2 = bf16x16(mask, xr + h + j);
+                __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, bf16x16(mask, c + j))),
+                                          round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), bf16x16(mask, s + j))));
+                __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, bf16x16(mask, c + h + j))),
+                                          round_bf16(_mm512_mul_ps(x1, bf16x16(mask, s + h + j))));
+                store_bf16(yr + j, mask, round_bf16(lo));
+                store_bf16(yr + h + j, mask, round_bf16(hi));
+            }
+        }
+}
+
+/* e^x for 16 lanes, 0 below -87 (masked-out slots hold -inf): n = round(x / ln 2), r = x - n ln 2 in two
+ * parts, e^r by its Taylor series to r^7 (|r| <= ln 2 / 2: relative error < 1e-8), times 2^n */
+static inline __m512 exp16(__m512 x) {
+    __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    static const float c[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+/* lane u of the result = the sum of v[u]'s 16 lanes (a transpose by halves: ~3 instructions per sum
+ * instead of ~8 for a reduction each) */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; i++)  /* 128-bit lane L of x[i]: pairs of v[2i] and v[2i+1]'s lane-L elements summed */
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* lane L of y[i]: the lane-L sums of v[4i .. 4i+3] */
+        __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)  /* lanes of z[i]: y[2i]'s lanes 0+1, 2+3, then y[2i+1]'s */
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* q_a . k_u for slots u < n of k [n, d] (rows contiguous), as 16 lanes (0 past n) */
+static inline __attribute__((always_inline)) __m512 dots16(const uint16_t *k, int64_t d, const uint16_t *qa, int n) {
+    __m512 acc[16];
+    for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < d; t += 32) {
+        __mmask32 mk = d - t >= 32 ? ~0u : (__mmask32)((1ull << (d - t)) - 1);
+        __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(mk, qa + t);
+        for (int u = 0; u < n; u++)
+            acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_maskz_loadu_epi16(mk, k + u * d + t), qv);
+    }
+    return sum16(acc);
+}
+
+#define GROUP 8  /* query heads whose sums are kept in registers at once (Qwen2: 6-8 per KV head) */
+
+/* One query per row: q [b, hq, d]; k, v [b, hkv, w, d] at strides (batch, head) elements with rows of d
+ * contiguous; mask [b, w] (nonzero: the slot may be attended). Query head a reads KV head a / (hq / hkv).
+ * out [b, hq, d] = bf16(sum_j bf16(e_j) v_j / sum_j e_j), e_j = exp(s_j - max s), s_j = scale q.k_j in
+ * fp32: torch's CPU SDPA kernel rounds e_j to bf16 before its product with v the same way. */
+void q2_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t batch_stride,
+                         int64_t head_stride, const uint8_t *mask, int64_t b, int64_t hq, int64_t hkv, int64_t w,
+                         int64_t d, float scale, uint16_t *out, int threads) {
+    int64_t g = hq / hkv;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t h = 0; h < hkv; h++) {
+            const uint16_t *kh = k + i * batch_stride + h * head_stride, *vh = v + i * batch_stride + h * head_stride;
+            const uint8_t *mr = mask + i * w;
+            float *s = malloc(g * w * sizeof(float)), *total = malloc(g * sizeof(float));
+            for (int64_t j = 0; j < w; j += 16) {  /* s[a, j] = scale q_a . k_j, -inf where masked */
+                int live = w - j < 16 ? (int)(w - j) : 16;
+                __mmask16 allowed = 0;
+                for (int u = 0; u < live; u++) allowed |= (__mmask16)((mr[j + u] != 0) << u);
+                for (int64_t a = 0; a < g; a++) {
+                    const uint16_t *qa = q + (i * hq + h * g + a) * d;
+                    __m512 dots = live == 16 ? dots16(kh + j * d, d, qa, 16) : dots16(kh + j * d, d, qa, live);
+                    __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), allowed, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+                    _mm512_mask_storeu_ps(s + a * w + j, first16(w - j), sc);
+                }
+            }
+            for (int64_t a = 0; a < g; a++) {  /* s[a, j] becomes bf16(e_j) */
+                float *sa = s + a * w;
+                __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+                for (int64_t j = 0; j < w; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, first16(w - j), sa + j));
+                __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                for (int64_t j = 0; j < w; j += 16) {
+                    __mmask16 mj = first16(w - j);
+                    __m512 e = _mm512_maskz_mov_ps(mj, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mj, sa + j), top)));
+                    sum = _mm512_add_ps(sum, e);
+                    _mm512_mask_storeu_ps(sa + j, mj, round_bf16(e));
+                }
+                total[a] = _mm512_reduce_add_ps(sum);
+            }
+            for (int64_t a0 = 0; a0 < g; a0 += GROUP) {  /* out_a = sum_j s[a, j] v_j / total_a, 16 of d at a time */
+                int heads = g - a0 < GROUP ? (int)(g - a0) : GROUP;
+                for (int64_t t = 0; t < d; t += 16) {
+                    __mmask16 mt = first16(d - t);
+                    __m512 acc[GROUP];
+                    for (int a = 0; a < GROUP; a++) acc[a] = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < w; j++) {
+                        __m512 vj = bf16x16(mt, vh + j * d + t);  /* converted once for all the heads */
+                        for (int a = 0; a < heads; a++)
+                            acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(s[(a0 + a) * w + j]), vj, acc[a]);
+                    }
+                    for (int a = 0; a < heads; a++)
+                        store_bf16(out + (i * hq + h * g + a0 + a) * d + t, mt,
+                                   round_bf16(_mm512_div_ps(acc[a], _mm512_set1_ps(total[a0 + a]))));
+                }
+            }
+            free(s);
+            free(total);
+        }
 }

@@ -1,4 +1,4 @@
-"""cpu_gemv: the decode-time CPU kernels equal the float64 product (within bf16 output rounding and, for
+"""cpu_kernels: the decode-time CPU kernels equal the float64 product (within bf16 output rounding and, for
 integer weights, the activations' fixed-point step), they build where the CPU can run them, they are
 used by the model and the quantized layers, they work inside torch.compile, and turning them off
 falls back to torch."""
@@ -11,24 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from qwen2 import cpu_gemv
+from qwen2 import cpu_kernels
 from qwen2.config import ModelConfig
 from qwen2.generate import KVCache, decode_one, prefill
-from qwen2.model import build_model, linear
+from qwen2.attention import attend
+from qwen2.model import RMSNorm, build_model, linear
+from qwen2.rope import apply_rotary
 from qwen2.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
 
 CPU_FLAGS = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
     if Path("/proc/cpuinfo").exists() else ""
 CAN_BUILD = (all(f in CPU_FLAGS.split() for f in ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"))
-             and shutil.which(os.environ.get("CC", "cc")) is not None and os.environ.get("QWEN2_CPU_GEMV") != "0")
+             and shutil.which(os.environ.get("CC", "cc")) is not None and os.environ.get("QWEN2_CPU_KERNELS") != "0")
 needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="CPU without AVX-512 BF16/VNNI or no C compiler")
 
 
 def test_kernels_build_where_the_cpu_can_run_them():
-    line = cpu_gemv.status()
+    line = cpu_kernels.status()
     if CAN_BUILD:
-        assert line.startswith("qwen2 CPU GEMV kernels on ("), line
+        assert line.startswith("qwen2 CPU kernels on ("), line
     else:
         assert "torch's kernels" in line, line
 
@@ -54,7 +57,7 @@ def test_bf16_kernel_is_the_product_rounded(n, k, m, with_bias):
     g = torch.Generator().manual_seed(n * 1000 + k + m)
     w, x = rows(n, k, g), rows(m, k, g)
     b = rows(1, n, g)[0] if with_bias else None
-    y = cpu_gemv.gemv_bf16(x, w, b)
+    y = cpu_kernels.gemv_bf16(x, w, b)
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert_within(y, ref)
@@ -74,7 +77,7 @@ def test_int8_kernel_is_the_dequantized_product(n, k, m):
     w, x, b = rows(n, k, g, torch.float32), rows(m, k, g), rows(1, n, g)[0]
     q, s = quantize_int8(w, torch.bfloat16)
     deq = q.double() * s.double()[:, None]
-    y = cpu_gemv.gemv_int8(x, q, s, b)
+    y = cpu_kernels.gemv_int8(x, q, s, b)
     ref = x.double() @ deq.T + b.double()
     assert_within(y, ref, fixed_point_slack(x, deq.abs().sum(1), 15))
 
@@ -83,20 +86,20 @@ def test_int8_kernel_is_the_dequantized_product(n, k, m):
 @pytest.mark.parametrize("n,k,m,group", [(1, 128, 1, 128), (6, 256, 2, 128), (130, 896, 1, 128),
                                          (33, 4864, 8, 128), (9, 512, 3, 256)])
 def test_int4_kernel_is_the_dequantized_product(n, k, m, group):
-    assert cpu_gemv.int4_shape_ok(k, group)
+    assert cpu_kernels.int4_shape_ok(k, group)
     g = torch.Generator().manual_seed(n + k + m + group)
     w, x, b = rows(n, k, g, torch.float32), rows(m, k, g), rows(1, n, g)[0]
     packed, s, z = quantize_int4(w, group, torch.bfloat16)
     q = unpack_int4(packed).double().view(n, k // group, group)
     deq = ((q - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
-    y = cpu_gemv.gemv_int4(x, packed, s, z, group, b)
+    y = cpu_kernels.gemv_int4(x, packed, s, z, group, b)
     ref = x.double() @ deq.T + b.double()
     q_abs = ((q - 8).abs() * s.double()[..., None]).view(n, k).abs().sum(1)  # the part that meets x's rounding
     assert_within(y, ref, fixed_point_slack(x, q_abs, 14))
 
 
 def test_int4_shapes_the_kernel_refuses():
-    assert not cpu_gemv.int4_shape_ok(896, 32) and not cpu_gemv.int4_shape_ok(200, 128)
+    assert not cpu_kernels.int4_shape_ok(896, 32) and not cpu_kernels.int4_shape_ok(200, 128)
 
 
 @needs_kernels
@@ -106,9 +109,9 @@ def test_non_finite_activations_give_nan_rows_not_garbage():
     x = rows(2, 256, g)
     x[1, 3] = float("inf")
     q, s = quantize_int8(w, torch.bfloat16)
-    y8 = cpu_gemv.gemv_int8(x, q, s)
+    y8 = cpu_kernels.gemv_int8(x, q, s)
     packed, s4, z4 = quantize_int4(w, 128, torch.bfloat16)
-    y4 = cpu_gemv.gemv_int4(x, packed, s4, z4, 128)
+    y4 = cpu_kernels.gemv_int4(x, packed, s4, z4, 128)
     for y in (y8, y4):
         assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
 
@@ -125,7 +128,7 @@ def test_tiny_activations_keep_a_finite_fixed_point():
     packed, s4, z4 = quantize_int4(w, 128, torch.bfloat16)
     q4 = unpack_int4(packed).double().view(8, 2, 128)
     ref4 = x.double() @ ((q4 - 8) * s4.double()[..., None] + z4.double()[..., None]).view(8, 256).T
-    for y, ref in ((cpu_gemv.gemv_int8(x, q, s), ref8), (cpu_gemv.gemv_int4(x, packed, s4, z4, 128), ref4)):
+    for y, ref in ((cpu_kernels.gemv_int8(x, q, s), ref8), (cpu_kernels.gemv_int4(x, packed, s4, z4, 128), ref4)):
         assert torch.isfinite(y).all()
         assert ((y.double() - ref).abs() <= 0.05 * ref.abs().max()).all()
 
@@ -134,8 +137,8 @@ def test_tiny_activations_keep_a_finite_fixed_point():
 def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
     calls = []
     for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):
-        fn = getattr(cpu_gemv, name)
-        monkeypatch.setattr(cpu_gemv, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        fn = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     g = torch.Generator().manual_seed(0)
     w, x = rows(256, 256, g), rows(1, 256, g)
     linear(x, w)
@@ -147,11 +150,11 @@ def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
     assert {"gemv_bf16", "gemv_int8", "gemv_int4"} <= set(calls)
     # many rows, fp32, or autograd: torch's path
     calls.clear()
-    linear(rows(cpu_gemv.MAX_ROWS + 1, 256, g), w)
+    linear(rows(cpu_kernels.MAX_ROWS + 1, 256, g), w)
     linear(x.float(), w.float())
     linear(x, w.requires_grad_())
     with torch.no_grad():
-        model(torch.zeros(1, cpu_gemv.MAX_ROWS + 1, dtype=torch.long))
+        model(torch.zeros(1, cpu_kernels.MAX_ROWS + 1, dtype=torch.long))
     assert calls == []
 
 
@@ -162,7 +165,7 @@ def small_config():  # widths that int4 group 128 divides, so every layer takes 
 
 
 def decode_logits(model):
-    cache = KVCache(model.config, 2, 32, dtype=torch.bfloat16)
+    cache = KVCache(model.config, 2, 32, dtype=model.model.embed_tokens.weight.dtype)
     prefill(model, torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]), cache)
     return decode_one(model, torch.tensor([[11], [12]]), torch.tensor([[4], [4]]), cache)
 
@@ -174,10 +177,77 @@ def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
     if bits:
         model = quantize_model(model, bits=bits)
     fast = decode_logits(model)
-    monkeypatch.setattr(cpu_gemv, "usable", lambda *a: False)
+    monkeypatch.setattr(cpu_kernels, "_ready", lambda tensors: False)  # every kernel off: torch's ops
     slow = decode_logits(model)
     assert (fast - slow).norm() / slow.norm() < 2e-2  # bf16 roundings in different places only
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,k", [(1, 896), (3, 100), (5, 16)])
+def test_rms_norm_kernel_rounds_where_torch_does(m, k):
+    g = torch.Generator().manual_seed(m + k)
+    norm = RMSNorm(k, 1e-6).to(torch.bfloat16)
+    norm.weight.data = rows(1, k, g)[0]
+    x = rows(m, k, g).view(m, 1, k)
+    with torch.no_grad():
+        y = norm(x)
+        x32 = x.float()  # the module's torch path, written out
+        ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    # the sum of squares is added up in another order: a rare last-bit difference, never more
+    assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-7).all()
+    assert (y != ref).float().mean() < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,h,d", [(1, 14, 64), (3, 2, 128), (2, 3, 40)])
+def test_rotary_kernel_is_torchs_rotary(b, h, d):
+    g = torch.Generator().manual_seed(b * h + d)
+    x = rows(b * h, d, g).view(b, h, 1, d)
+    cos, sin = rows(b, d, g).view(b, 1, d), rows(b, d, g).view(b, 1, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    ref = x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
+    assert torch.equal(apply_rotary(x, cos, sin), ref)
+    assert torch.equal(cpu_kernels.rotary(x, cos, sin), ref)
+
+
+def cache_view(b, hkv, s, w, d, g):
+    """k or v as the static cache hands it to attention: [B, Hkv, W, d], a view of [B, Hkv, S, d]"""
+    return rows(b * hkv * s, d, g).view(b, hkv, s, d)[:, :, :w]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,hq,hkv,w,d", [(1, 14, 2, 300, 64), (2, 6, 2, 17, 128), (3, 4, 4, 1, 40), (2, 8, 1, 40, 64)])
+def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
+    g = torch.Generator().manual_seed(b + hq + w + d)
+    q = rows(b * hq, d, g).view(b, hq, 1, d)
+    k, v = cache_view(b, hkv, w + 5, w, d, g), cache_view(b, hkv, w + 5, w, d, g)
+    last = torch.tensor([w - 1 - 3 * i for i in range(b)]).clamp(min=0)  # each row sees slots 0 .. last
+    mask = (torch.arange(w) <= last[:, None]).view(b, 1, 1, w)
+    assert cpu_kernels.decode_attention_ok(q, k, v)
+    y = cpu_kernels.decode_attention(q, k, v, mask)
+    rep = hq // hkv  # float64 reference: query head a reads KV head a // rep
+    kr, vr = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    ref = F.scaled_dot_product_attention(q.double(), kr, vr, attn_mask=mask)
+    # e_j rounded to bf16 (as torch's kernel does), then the output: half a bf16 step of max|v| and of out
+    bound = 2.0**-8 * (v.double().abs().amax() + ref.abs()) + 1e-6
+    assert y.shape == q.shape and ((y.double() - ref).abs() <= bound).all()
+    assert torch.equal(attend(q, k, v, mask), y)  # the attention call site takes it
+
+
+@needs_kernels
+def test_decode_step_runs_the_small_kernels(monkeypatch):
+    calls = []
+    for name in ("rms_norm", "rotary", "decode_attention"):
+        fn = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    decode_logits(model)
+    assert {"rms_norm", "rotary", "decode_attention"} <= set(calls)
+    calls.clear()  # fp32, or a forward that keeps autograd: torch's ops
+    decode_logits(model.float())
+    model.bfloat16()(torch.tensor([[1, 2, 3]]))
+    assert calls == []
 
 
 @needs_kernels
@@ -185,17 +255,21 @@ def test_the_kernels_inside_torch_compile():
     g = torch.Generator().manual_seed(0)
     w, b, x = rows(64, 128, g), rows(1, 64, g)[0], rows(1, 128, g)
     q, s = quantize_int8(w.float(), torch.bfloat16)
-    eager = (linear(x, w, b), cpu_gemv.gemv_int8(x, q, s))
-    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_gemv.gemv_int8(x, q, s)), fullgraph=True)(x)
+    eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s))
+    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s)), fullgraph=True)(x)
     for a, c in zip(eager, compiled):
         assert torch.equal(a, c)
+    q, k, v = rows(4, 64, g).view(1, 4, 1, 64), cache_view(1, 2, 12, 10, 64, g), cache_view(1, 2, 12, 10, 64, g)
+    mask = (torch.arange(10) <= 6).view(1, 1, 1, 10)
+    attn = torch.compile(lambda q: attend(q, k, v, mask), fullgraph=True)
+    assert torch.equal(attn(q), cpu_kernels.decode_attention(q, k, v, mask))
 
 
 def test_turned_off_falls_back_to_torch():
-    code = ("import torch; from qwen2 import cpu_gemv; from qwen2.model import linear; "
+    code = ("import torch; from qwen2 import cpu_kernels; from qwen2.model import linear; "
             "w = torch.randn(8, 16).bfloat16(); x = torch.randn(1, 16).bfloat16(); "
             "y = linear(x, w); ref = x.float() @ w.float().T; "
-            "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_gemv.status())")
-    env = dict(os.environ, QWEN2_CPU_GEMV="0")
+            "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_kernels.status())")
+    env = dict(os.environ, QWEN2_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "qwen2 CPU GEMV kernels off (QWEN2_CPU_GEMV=0): torch's kernels"
+    assert out.stdout.strip() == "qwen2 CPU kernels off (QWEN2_CPU_KERNELS=0): torch's kernels"
