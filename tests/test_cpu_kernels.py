@@ -184,6 +184,17 @@ def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n,k,m", [(4864, 896, 1), (37, 100, 3), (5, 64, 4)])
+def test_glu_kernel_is_silu_of_gate_times_up(n, k, m):
+    g = torch.Generator().manual_seed(n + k + m)
+    wg, wu, x = rows(n, k, g), rows(n, k, g), rows(m, k, g)
+    y = cpu_kernels.gemv_bf16_glu(x, wg, wu)
+    ref = F.silu(cpu_kernels.gemv_bf16(x, wg)) * cpu_kernels.gemv_bf16(x, wu)  # torch's bf16 silu and product
+    assert y.shape == (m, n) and ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-7).all()
+    assert (y != ref).float().mean() < 0.01  # silu's exp is our own: a rare last-bit difference at most
+
+
+@needs_kernels
 @pytest.mark.parametrize("m,k", [(1, 896), (3, 100), (5, 16)])
 def test_rms_norm_kernel_rounds_where_torch_does(m, k):
     g = torch.Generator().manual_seed(m + k)
@@ -238,12 +249,12 @@ def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
 @needs_kernels
 def test_decode_step_runs_the_small_kernels(monkeypatch):
     calls = []
-    for name in ("rms_norm", "rotary", "decode_attention"):
+    for name in ("rms_norm", "rotary", "decode_attention", "gemv_bf16_glu"):
         fn = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     model = build_model(small_config(), dtype=torch.bfloat16).eval()
     decode_logits(model)
-    assert {"rms_norm", "rotary", "decode_attention"} <= set(calls)
+    assert {"rms_norm", "rotary", "decode_attention", "gemv_bf16_glu"} <= set(calls)
     calls.clear()  # fp32, or a forward that keeps autograd: torch's ops
     decode_logits(model.float())
     model.bfloat16()(torch.tensor([[1, 2, 3]]))
@@ -255,8 +266,9 @@ def test_the_kernels_inside_torch_compile():
     g = torch.Generator().manual_seed(0)
     w, b, x = rows(64, 128, g), rows(1, 64, g)[0], rows(1, 128, g)
     q, s = quantize_int8(w.float(), torch.bfloat16)
-    eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s))
-    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s)), fullgraph=True)(x)
+    eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_bf16_glu(x, w, w))
+    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_bf16_glu(x, w, w)),
+                             fullgraph=True)(x)
     for a, c in zip(eager, compiled):
         assert torch.equal(a, c)
     q, k, v = rows(4, 64, g).view(1, 4, 1, 64), cache_view(1, 2, 12, 10, 64, g), cache_view(1, 2, 12, 10, 64, g)

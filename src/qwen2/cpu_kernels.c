@@ -25,8 +25,12 @@
 #ifndef R
 #define R 4              /* weight rows per block: independent accumulators and streams */
 #endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T1
+#endif
 #ifndef PREFETCH
-#define PREFETCH 8192    /* bytes ahead on each row, into L2 (best of 1-16 KB, L1 or L2, on the 2-core machine) */
+#define PREFETCH 8192    /* bytes ahead on each row, into L2 (best of 1-16 KB, L1 or L2, on the 2-core machine;
+                            non-temporal prefetches run at half the speed) */
 #endif
 
 static inline float bf16_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -42,7 +46,7 @@ static inline void store(uint16_t *y, int64_t i, float v, const uint16_t *bias, 
 }
 
 static inline __attribute__((always_inline)) void prefetch_rows(const uint8_t *p, int64_t row_bytes, int rows) {
-    for (int q = 0; q < rows; q++) _mm_prefetch((const char *)p + q * row_bytes + PREFETCH, _MM_HINT_T1);
+    for (int q = 0; q < rows; q++) _mm_prefetch((const char *)p + q * row_bytes + PREFETCH, PREFETCH_HINT);
 }
 
 /* ---- bf16 weights: 32 products per vdpbf16ps --------------------------------------------------- */
@@ -333,6 +337,45 @@ static inline __m512 exp16(__m512 x) {
     static const float c[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
     for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+/* SwiGLU's first half in one call: y = bf16(bf16(silu(g)) * u), g = bf16(x Wg^T), u = bf16(x Wu^T) (where
+ * torch's bf16 ops round), wg and wu [n, k]. One call instead of two products, a silu and a product:
+ * each thread combines the rows it computed, so no output crosses between cores first. */
+void q2_gemv_bf16_glu(const uint16_t *wg, const uint16_t *wu, int64_t n, int64_t k, const uint16_t *x, int64_t m,
+                      uint16_t *y, int threads) {
+    float *g = malloc(m * n * sizeof(float)), *u = malloc(m * n * sizeof(float));
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < (n + R - 1) / R; b++) {
+            int64_t r0 = b * R;
+            int rows = n - r0 < R ? (int)(n - r0) : R;
+            for (int64_t i = 0; i < m; i++) {
+                float og[R], ou[R];
+                if (rows == R) {
+                    dot_bf16(wg + r0 * k, k, x + i * k, R, og);
+                    dot_bf16(wu + r0 * k, k, x + i * k, R, ou);
+                } else {
+                    dot_bf16(wg + r0 * k, k, x + i * k, rows, og);
+                    dot_bf16(wu + r0 * k, k, x + i * k, rows, ou);
+                }
+                for (int q = 0; q < rows; q++) {
+                    g[i * n + r0 + q] = bf16_f32(f32_bf16(og[q]));
+                    u[i * n + r0 + q] = bf16_f32(f32_bf16(ou[q]));
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m * n; c += 16) {
+            __mmask16 mask = first16(m * n - c);
+            __m512 gv = _mm512_maskz_loadu_ps(mask, g + c);
+            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            store_bf16(y + c, mask, round_bf16(_mm512_mul_ps(round_bf16(silu), _mm512_maskz_loadu_ps(mask, u + c))));
+        }
+    }
+    free(g);
+    free(u);
 }
 
 /* lane u of the result = the sum of v[u]'s 16 lanes (a transpose by halves: ~3 instructions per sum

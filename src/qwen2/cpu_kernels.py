@@ -82,6 +82,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.q2_gemv_bf16.argtypes = [p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int8.argtypes = [p, p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int4.argtypes = [p, p, p, i64, i64, i64, p, i64, p, p, c_int]
+    lib.q2_gemv_bf16_glu.argtypes = [p, p, i64, i64, p, i64, p, c_int]
     lib.q2_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.q2_rotary.argtypes = [p, p, p, i64, i64, i64, p]
     lib.q2_decode_attention.argtypes = [p, p, p, i64, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
@@ -153,6 +154,15 @@ def _bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return _call("q2_gemv_bf16", x, n, bias, w.data_ptr(), n, k)
 
 
+def _glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    n, k = w_gate.shape
+    wg, wu, x = w_gate.contiguous(), w_up.contiguous(), x.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    _library().q2_gemv_bf16_glu(wg.data_ptr(), wu.data_ptr(), n, k, x.data_ptr(), x.numel() // k, y.data_ptr(),
+                                torch.get_num_threads())
+    return y
+
+
 def _int8(x, weight, scales, bias) -> torch.Tensor:
     n, k = weight.shape
     w, s = weight.contiguous(), _bf16_contiguous(scales)
@@ -170,6 +180,7 @@ def _int4(x, weight, scales, zeros, group_size: int, bias) -> torch.Tensor:
 _ops = torch.library.Library("qwen2", "DEF")
 for _name, _schema, _fn in (
     ("gemv_bf16", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _bf16),
+    ("gemv_bf16_glu", "(Tensor x, Tensor weight, Tensor w_up) -> Tensor", _glu),
     ("gemv_int8", "(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor", _int8),
     ("gemv_int4", "(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
      _int4),
@@ -187,6 +198,11 @@ def _run(name: str, fn, *args) -> torch.Tensor:
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T + bias, weight bf16."""
     return _run("gemv_bf16", _bf16, x, weight, bias)
+
+
+def gemv_bf16_glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ w_gate^T) * (x @ w_up^T), bf16 weights [N, K], each step rounded to bf16 as torch's ops round."""
+    return _run("gemv_bf16_glu", _glu, x, w_gate, w_up)
 
 
 def gemv_int8(x, weight, scales, bias=None) -> torch.Tensor:
