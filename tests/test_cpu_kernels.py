@@ -136,7 +136,7 @@ def test_tiny_activations_keep_a_finite_fixed_point():
 @needs_kernels
 def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
     calls = []
-    for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):
+    for name in ("gemv_bf16", "gemv_int8", "gemv_int4", "gemv_glu"):
         fn = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     g = torch.Generator().manual_seed(0)
@@ -148,6 +148,7 @@ def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
         with torch.no_grad():
             q(torch.tensor([[1]]))
     assert {"gemv_bf16", "gemv_int8", "gemv_int4"} <= set(calls)
+    assert calls.count("gemv_glu") == 2 * small_config().num_hidden_layers  # int8 and int4 MLPs: one call each
     # many rows, fp32, or autograd: torch's path
     calls.clear()
     linear(rows(cpu_kernels.MAX_ROWS + 1, 256, g), w)
@@ -184,12 +185,24 @@ def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k,m", [(4864, 896, 1), (37, 100, 3), (5, 64, 4)])
-def test_glu_kernel_is_silu_of_gate_times_up(n, k, m):
-    g = torch.Generator().manual_seed(n + k + m)
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("n,k,m", [(4864, 896, 1), (37, 256, 3), (5, 128, 4)])
+def test_glu_kernel_is_silu_of_gate_times_up(n, k, m, bits):
+    g = torch.Generator().manual_seed(n + k + m + bits)
     wg, wu, x = rows(n, k, g), rows(n, k, g), rows(m, k, g)
-    y = cpu_kernels.gemv_bf16_glu(x, wg, wu)
-    ref = F.silu(cpu_kernels.gemv_bf16(x, wg)) * cpu_kernels.gemv_bf16(x, wu)  # torch's bf16 silu and product
+    if bits == 16:
+        gate, up, extra = (wg,), (wu,), {}
+        product = cpu_kernels.gemv_bf16
+    elif bits == 8:
+        (qg, sg), (qu, su) = quantize_int8(wg, torch.bfloat16), quantize_int8(wu, torch.bfloat16)
+        gate, up, extra = (qg, sg), (qu, su), dict(s_gate=sg, s_up=su)
+        product = cpu_kernels.gemv_int8
+    else:
+        (qg, sg, zg), (qu, su, zu) = quantize_int4(wg, 128, torch.bfloat16), quantize_int4(wu, 128, torch.bfloat16)
+        gate, up, extra = (qg, sg, zg, 128), (qu, su, zu, 128), dict(s_gate=sg, s_up=su, z_gate=zg, z_up=zu, group_size=128)
+        product = cpu_kernels.gemv_int4
+    y = cpu_kernels.gemv_glu(x, gate[0], up[0], **extra)
+    ref = F.silu(product(x, *gate)) * product(x, *up)  # the kernels' own products, torch's bf16 silu and product
     assert y.shape == (m, n) and ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-7).all()
     assert (y != ref).float().mean() < 0.01  # silu's exp is our own: a rare last-bit difference at most
 
@@ -249,12 +262,12 @@ def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
 @needs_kernels
 def test_decode_step_runs_the_small_kernels(monkeypatch):
     calls = []
-    for name in ("rms_norm", "rotary", "decode_attention", "gemv_bf16_glu"):
+    for name in ("rms_norm", "rotary", "decode_attention", "gemv_glu"):
         fn = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     model = build_model(small_config(), dtype=torch.bfloat16).eval()
     decode_logits(model)
-    assert {"rms_norm", "rotary", "decode_attention", "gemv_bf16_glu"} <= set(calls)
+    assert {"rms_norm", "rotary", "decode_attention", "gemv_glu"} <= set(calls)
     calls.clear()  # fp32, or a forward that keeps autograd: torch's ops
     decode_logits(model.float())
     model.bfloat16()(torch.tensor([[1, 2, 3]]))
@@ -266,8 +279,8 @@ def test_the_kernels_inside_torch_compile():
     g = torch.Generator().manual_seed(0)
     w, b, x = rows(64, 128, g), rows(1, 64, g)[0], rows(1, 128, g)
     q, s = quantize_int8(w.float(), torch.bfloat16)
-    eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_bf16_glu(x, w, w))
-    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_bf16_glu(x, w, w)),
+    eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_glu(x, w, w))
+    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_glu(x, w, w)),
                              fullgraph=True)(x)
     for a, c in zip(eager, compiled):
         assert torch.equal(a, c)

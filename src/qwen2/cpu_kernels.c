@@ -70,21 +70,6 @@ static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, in
     for (int q = 0; q < rows; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
 }
 
-void q2_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t m,
-                  const uint16_t *bias, uint16_t *y, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < (n + R - 1) / R; b++) {
-        int64_t r0 = b * R;
-        int rows = n - r0 < R ? (int)(n - r0) : R;
-        for (int64_t i = 0; i < m; i++) {
-            float out[R];
-            if (rows == R) dot_bf16(w + r0 * k, k, x + i * k, R, out);
-            else dot_bf16(w + r0 * k, k, x + i * k, rows, out);
-            for (int q = 0; q < rows; q++) store(y, i * n + r0 + q, out[q], bias, r0 + q);
-        }
-    }
-}
-
 /* ---- integer weights: integer dot products ----------------------------------------------------
  * vpdpbusd (64 u8 x s8 products into 16 int32 lanes) runs ~3x as many products per cycle as
  * vdpbf16ps here, which the int4 unpacking needs. So a row of x is written in fixed point with a
@@ -148,10 +133,9 @@ static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, int6
                          - 32768 * (int64_t)_mm512_reduce_add_epi32(aq[q]));
 }
 
-void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k, const uint16_t *x, int64_t m,
-                  const uint16_t *bias, uint16_t *y, int threads) {
-    uint8_t *hi = malloc(m * k), *lo = malloc(m * k);
-    float *step = malloc(m * sizeof(float)), inv;
+/* x [m, k] -> the bytes hi, lo [m, k] of u = xi + 32768 and each row's step */
+static void int8_activations(const uint16_t *x, int64_t m, int64_t k, uint8_t *hi, uint8_t *lo, float *step) {
+    float inv;
     for (int64_t i = 0; i < m; i++) {
         step[i] = fixed_step(x + i * k, k, 15, &inv);
         for (int64_t j = 0; j < k; j += 16) {
@@ -161,19 +145,6 @@ void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k,
             _mm_mask_storeu_epi8(lo + i * k + j, mask, _mm512_cvtepi32_epi8(u));  /* the low byte */
         }
     }
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < (n + R - 1) / R; b++) {
-        int64_t r0 = b * R;
-        int rows = n - r0 < R ? (int)(n - r0) : R;
-        for (int64_t i = 0; i < m; i++) {
-            float out[R];
-            if (rows == R) dot_int8(w + r0 * k, k, hi + i * k, lo + i * k, R, out);
-            else dot_int8(w + r0 * k, k, hi + i * k, lo + i * k, rows, out);
-            for (int q = 0; q < rows; q++)
-                store(y, i * n + r0 + q, out[q] * step[i] * bf16_f32(scales[r0 + q]), bias, r0 + q);
-        }
-    }
-    free(hi); free(lo); free(step);
 }
 
 /* int4, group-wise (scale, zero): byte j of a row holds column 2j in its low nibble and 2j+1 in its
@@ -224,12 +195,13 @@ static inline float zero_offset(const uint16_t *s, const uint16_t *z, const floa
     return _mm512_reduce_add_ps(acc);
 }
 
-void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group, int64_t n,
-                  int64_t k, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
+/* x [m, k] -> per row: the bytes even hi, even lo, odd hi, odd lo (k / 2 each) in xb, the step, and the
+ * sums X_g of x over each group */
+static void int4_activations(const uint16_t *x, int64_t m, int64_t k, int64_t group, int8_t *xb, float *step,
+                             float *xsum) {
     int64_t groups = k / group, half = k / 2;
-    int8_t *xb = malloc(m * 4 * half);  /* per row: even hi, even lo, odd hi, odd lo */
-    float *step = malloc(m * sizeof(float)), *xsum = malloc(m * groups * sizeof(float)), inv;
     const __m128i deal = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);  /* evens, odds */
+    float inv;
     for (int64_t i = 0; i < m; i++) {
         const uint16_t *xr = x + i * k;
         int8_t *b = xb + i * 4 * half;
@@ -250,22 +222,97 @@ void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zero
             xsum[i * groups + g] = _mm512_reduce_add_ps(s);
         }
     }
+}
+
+/* ---- one driver for the three kinds ------------------------------------------------------------
+ * A matrix (bf16, int8 or int4 with its scales / zeros), the activations prepared for it once per call,
+ * and block(): the fp32 results of rows r0 .. r0 + rows - 1 (rows <= R) for activation row i. */
+enum { BF16, INT8, INT4 };
+
+typedef struct {
+    int kind;
+    const void *w;
+    const uint16_t *scales, *zeros;  /* int8: scales [n]; int4: scales, zeros [n, k / group] */
+    int64_t group, n, k;
+} matrix;
+
+typedef struct {
+    const uint16_t *x;  /* bf16 */
+    uint8_t *hi, *lo;   /* int8 */
+    int8_t *xb;         /* int4 */
+    float *step, *xsum; /* int8, int4 */
+} activations;
+
+static activations prepare(int kind, const uint16_t *x, int64_t m, int64_t k, int64_t group) {
+    activations a = {x, NULL, NULL, NULL, NULL, NULL};
+    if (kind == INT8) {
+        a.hi = malloc(m * k), a.lo = malloc(m * k), a.step = malloc(m * sizeof(float));
+        int8_activations(x, m, k, a.hi, a.lo, a.step);
+    } else if (kind == INT4) {
+        a.xb = malloc(m * 2 * k), a.step = malloc(m * sizeof(float)), a.xsum = malloc(m * (k / group) * sizeof(float));
+        int4_activations(x, m, k, group, a.xb, a.step, a.xsum);
+    }
+    return a;
+}
+
+static void release(activations *a) { free(a->hi); free(a->lo); free(a->xb); free(a->step); free(a->xsum); }
+
+static inline __attribute__((always_inline)) void block_rows(const matrix *w, const activations *a, int64_t i,
+                                                             int64_t r0, int rows, float *out) {
+    int64_t k = w->k;
+    if (w->kind == BF16) {
+        const uint16_t *wb = (const uint16_t *)w->w + r0 * k;
+        if (rows == R) dot_bf16(wb, k, a->x + i * k, R, out);
+        else dot_bf16(wb, k, a->x + i * k, rows, out);
+    } else if (w->kind == INT8) {
+        const int8_t *wb = (const int8_t *)w->w + r0 * k;
+        if (rows == R) dot_int8(wb, k, a->hi + i * k, a->lo + i * k, R, out);
+        else dot_int8(wb, k, a->hi + i * k, a->lo + i * k, rows, out);
+        for (int q = 0; q < rows; q++) out[q] *= a->step[i] * bf16_f32(w->scales[r0 + q]);
+    } else {
+        int64_t groups = k / w->group;
+        const uint8_t *wb = (const uint8_t *)w->w + r0 * (k / 2);
+        const int8_t *xb = a->xb + i * 2 * k;
+        if (rows == R) dot_int4(wb, k, xb, w->scales + r0 * groups, w->group, R, out);
+        else dot_int4(wb, k, xb, w->scales + r0 * groups, w->group, rows, out);
+        for (int q = 0; q < rows; q++)
+            out[q] = out[q] * a->step[i] + zero_offset(w->scales + (r0 + q) * groups, w->zeros + (r0 + q) * groups,
+                                                       a->xsum + i * groups, groups);
+    }
+}
+
+static void gemv(const matrix *w, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
+    activations a = prepare(w->kind, x, m, w->k, w->group);
+    int64_t n = w->n;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < (n + R - 1) / R; b++) {
         int64_t r0 = b * R;
         int rows = n - r0 < R ? (int)(n - r0) : R;
-        const uint8_t *wb = w + r0 * half;
         for (int64_t i = 0; i < m; i++) {
             float out[R];
-            if (rows == R) dot_int4(wb, k, xb + i * 4 * half, scales + r0 * groups, group, R, out);
-            else dot_int4(wb, k, xb + i * 4 * half, scales + r0 * groups, group, rows, out);
-            for (int q = 0; q < rows; q++) {
-                float offset = zero_offset(scales + (r0 + q) * groups, zeros + (r0 + q) * groups, xsum + i * groups, groups);
-                store(y, i * n + r0 + q, out[q] * step[i] + offset, bias, r0 + q);
-            }
+            block_rows(w, &a, i, r0, rows, out);
+            for (int q = 0; q < rows; q++) store(y, i * n + r0 + q, out[q], bias, r0 + q);
         }
     }
-    free(xb); free(step); free(xsum);
+    release(&a);
+}
+
+void q2_gemv_bf16(const uint16_t *w, int64_t n, int64_t k, const uint16_t *x, int64_t m,
+                  const uint16_t *bias, uint16_t *y, int threads) {
+    matrix mw = {BF16, w, NULL, NULL, 0, n, k};
+    gemv(&mw, x, m, bias, y, threads);
+}
+
+void q2_gemv_int8(const int8_t *w, const uint16_t *scales, int64_t n, int64_t k, const uint16_t *x, int64_t m,
+                  const uint16_t *bias, uint16_t *y, int threads) {
+    matrix mw = {INT8, w, scales, NULL, 0, n, k};
+    gemv(&mw, x, m, bias, y, threads);
+}
+
+void q2_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group, int64_t n,
+                  int64_t k, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
+    matrix mw = {INT4, w, scales, zeros, group, n, k};
+    gemv(&mw, x, m, bias, y, threads);
 }
 
 /* ---- the rest of a bf16 decode step: RMSNorm, RoPE, attention over the cache ----------------------
@@ -337,45 +384,6 @@ static inline __m512 exp16(__m512 x) {
     static const float c[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
     for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
-/* SwiGLU's first half in one call: y = bf16(bf16(silu(g)) * u), g = bf16(x Wg^T), u = bf16(x Wu^T) (where
- * torch's bf16 ops round), wg and wu [n, k]. One call instead of two products, a silu and a product:
- * each thread combines the rows it computed, so no output crosses between cores first. */
-void q2_gemv_bf16_glu(const uint16_t *wg, const uint16_t *wu, int64_t n, int64_t k, const uint16_t *x, int64_t m,
-                      uint16_t *y, int threads) {
-    float *g = malloc(m * n * sizeof(float)), *u = malloc(m * n * sizeof(float));
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < (n + R - 1) / R; b++) {
-            int64_t r0 = b * R;
-            int rows = n - r0 < R ? (int)(n - r0) : R;
-            for (int64_t i = 0; i < m; i++) {
-                float og[R], ou[R];
-                if (rows == R) {
-                    dot_bf16(wg + r0 * k, k, x + i * k, R, og);
-                    dot_bf16(wu + r0 * k, k, x + i * k, R, ou);
-                } else {
-                    dot_bf16(wg + r0 * k, k, x + i * k, rows, og);
-                    dot_bf16(wu + r0 * k, k, x + i * k, rows, ou);
-                }
-                for (int q = 0; q < rows; q++) {
-                    g[i * n + r0 + q] = bf16_f32(f32_bf16(og[q]));
-                    u[i * n + r0 + q] = bf16_f32(f32_bf16(ou[q]));
-                }
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int64_t c = 0; c < m * n; c += 16) {
-            __mmask16 mask = first16(m * n - c);
-            __m512 gv = _mm512_maskz_loadu_ps(mask, g + c);
-            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-            store_bf16(y + c, mask, round_bf16(_mm512_mul_ps(round_bf16(silu), _mm512_maskz_loadu_ps(mask, u + c))));
-        }
-    }
-    free(g);
-    free(u);
 }
 
 /* lane u of the result = the sum of v[u]'s 16 lanes (a transpose by halves: ~3 instructions per sum
@@ -467,4 +475,43 @@ void q2_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v
             free(s);
             free(total);
         }
+}
+
+/* SwiGLU's first half in one call: y = bf16(bf16(silu(g)) * u), g = bf16(x Wg^T), u = bf16(x Wu^T) (where
+ * torch's bf16 ops round); Wg and Wu [n, k] of one kind (`kind`: 0 bf16, 1 int8, 2 int4, as for the
+ * q2_gemv_* above; unused pointers NULL). One call instead of two products, a silu and a product: each
+ * thread combines the rows it computed, so no output crosses between cores first. */
+void q2_glu(int kind, const void *wg, const uint16_t *sg, const uint16_t *zg, const void *wu, const uint16_t *su,
+            const uint16_t *zu, int64_t group, int64_t n, int64_t k, const uint16_t *x, int64_t m, uint16_t *y,
+            int threads) {
+    matrix gate = {kind, wg, sg, zg, group, n, k}, up = {kind, wu, su, zu, group, n, k};
+    activations a = prepare(kind, x, m, k, group);
+    float *g = malloc(m * n * sizeof(float)), *u = malloc(m * n * sizeof(float));
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < (n + R - 1) / R; b++) {
+            int64_t r0 = b * R;
+            int rows = n - r0 < R ? (int)(n - r0) : R;
+            for (int64_t i = 0; i < m; i++) {
+                float og[R], ou[R];
+                block_rows(&gate, &a, i, r0, rows, og);
+                block_rows(&up, &a, i, r0, rows, ou);
+                for (int q = 0; q < rows; q++) {
+                    g[i * n + r0 + q] = bf16_f32(f32_bf16(og[q]));
+                    u[i * n + r0 + q] = bf16_f32(f32_bf16(ou[q]));
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m * n; c += 16) {
+            __mmask16 mask = first16(m * n - c);
+            __m512 gv = _mm512_maskz_loadu_ps(mask, g + c);
+            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            store_bf16(y + c, mask, round_bf16(_mm512_mul_ps(round_bf16(silu), _mm512_maskz_loadu_ps(mask, u + c))));
+        }
+    }
+    free(g);
+    free(u);
+    release(&a);
 }

@@ -82,7 +82,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.q2_gemv_bf16.argtypes = [p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int8.argtypes = [p, p, i64, i64, p, i64, p, p, c_int]
     lib.q2_gemv_int4.argtypes = [p, p, p, i64, i64, i64, p, i64, p, p, c_int]
-    lib.q2_gemv_bf16_glu.argtypes = [p, p, i64, i64, p, i64, p, c_int]
+    lib.q2_glu.argtypes = [c_int, p, p, p, p, p, p, i64, i64, i64, p, i64, p, c_int]
     lib.q2_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.q2_rotary.argtypes = [p, p, p, i64, i64, i64, p]
     lib.q2_decode_attention.argtypes = [p, p, p, i64, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
@@ -154,12 +154,17 @@ def _bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return _call("q2_gemv_bf16", x, n, bias, w.data_ptr(), n, k)
 
 
-def _glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    n, k = w_gate.shape
+_KINDS = {torch.bfloat16: 0, torch.int8: 1, torch.uint8: 2}  # q2_glu's `kind`: bf16, int8, packed int4
+
+
+def _glu(x, w_gate, w_up, s_gate, s_up, z_gate, z_up, group_size: int) -> torch.Tensor:
+    kind = _KINDS[w_gate.dtype]
+    n, k = w_gate.shape[0], w_gate.shape[1] * (2 if kind == 2 else 1)
     wg, wu, x = w_gate.contiguous(), w_up.contiguous(), x.contiguous()
+    sg, zg, su, zu = (None if t is None else _bf16_contiguous(t) for t in (s_gate, z_gate, s_up, z_up))
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    _library().q2_gemv_bf16_glu(wg.data_ptr(), wu.data_ptr(), n, k, x.data_ptr(), x.numel() // k, y.data_ptr(),
-                                torch.get_num_threads())
+    _library().q2_glu(kind, *(None if t is None else t.data_ptr() for t in (wg, sg, zg, wu, su, zu)), group_size, n, k,
+                      x.data_ptr(), x.numel() // k, y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -180,7 +185,8 @@ def _int4(x, weight, scales, zeros, group_size: int, bias) -> torch.Tensor:
 _ops = torch.library.Library("qwen2", "DEF")
 for _name, _schema, _fn in (
     ("gemv_bf16", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _bf16),
-    ("gemv_bf16_glu", "(Tensor x, Tensor weight, Tensor w_up) -> Tensor", _glu),
+    ("gemv_glu", "(Tensor x, Tensor weight, Tensor w_up, Tensor? s_gate, Tensor? s_up, Tensor? z_gate, Tensor? z_up, "
+                 "int group_size) -> Tensor", _glu),
     ("gemv_int8", "(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor", _int8),
     ("gemv_int4", "(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
      _int4),
@@ -200,9 +206,11 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _run("gemv_bf16", _bf16, x, weight, bias)
 
 
-def gemv_bf16_glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    """silu(x @ w_gate^T) * (x @ w_up^T), bf16 weights [N, K], each step rounded to bf16 as torch's ops round."""
-    return _run("gemv_bf16_glu", _glu, x, w_gate, w_up)
+def gemv_glu(x, w_gate, w_up, s_gate=None, s_up=None, z_gate=None, z_up=None, group_size: int = 0) -> torch.Tensor:
+    """silu(x @ G^T) * (x @ U^T) in one call, G and U of one kind: bf16 weights [N, K], int8 with scales, or
+    int4 with scales, zeros and group_size (as gemv_int8 / gemv_int4 take them). Each step is rounded to
+    bf16 where torch's ops round: the gate and up products, the silu, the product."""
+    return _run("gemv_glu", _glu, x, w_gate, w_up, s_gate, s_up, z_gate, z_up, group_size)
 
 
 def gemv_int8(x, weight, scales, bias=None) -> torch.Tensor:

@@ -56,6 +56,13 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) in one cpu_kernels call (bf16 decode on CPU), or None where it does not apply."""
+        if (type(up) is Linear and self.bias is None and up.bias is None and x.dtype == self.weight.dtype == up.weight.dtype
+                and cpu_kernels.usable(x, self.weight, up.weight)):
+            return cpu_kernels.gemv_glu(x, self.weight, up.weight)
+        return None
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases (SPEC 2.5)."""
@@ -67,11 +74,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj, self.up_proj
-        if (type(gate) is Linear and type(up) is Linear and x.dtype == gate.weight.dtype == up.weight.dtype
-                and cpu_kernels.usable(x, gate.weight, up.weight)):  # bf16 decode on CPU: both products, silu, * in one call
-            return self.down_proj(cpu_kernels.gemv_bf16_glu(x, gate.weight, up.weight))
-        return self.down_proj(F.silu(gate(x)) * up(x))
+        glu = getattr(self.gate_proj, "glu", None)  # Linear, Int8Linear, Int4Linear: a decode step's fused call
+        y = glu(self.up_proj, x) if glu is not None else None
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x) if y is None else y)
 
 
 class Attention(nn.Module):

@@ -88,6 +88,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
+    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) in one cpu_kernels call (decode on CPU), or None where it does not apply."""
+        if type(up) is Int8Linear and self.bias is None and up.bias is None and cpu_kernels.usable(x):
+            return cpu_kernels.gemv_glu(x, self.weight, up.weight, self.scales, up.scales)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.usable(x):
             return cpu_kernels.gemv_int8(x, self.weight, self.scales, self.bias)
@@ -149,6 +155,14 @@ class Int4Linear(nn.Module):
                                         or self.scales_and_zeros.dtype != self.scales.dtype):
             self.prepare()
         return self
+
+    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) in one cpu_kernels call (decode on CPU), or None where it does not apply."""
+        if (type(up) is Int4Linear and self.bias is None and up.bias is None and up.group_size == self.group_size
+                and cpu_kernels.usable(x) and cpu_kernels.int4_shape_ok(self.in_features, self.group_size)):
+            return cpu_kernels.gemv_glu(x, self.weight, up.weight, self.scales, up.scales, self.zeros, up.zeros,
+                                        self.group_size)
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.usable(x) and cpu_kernels.int4_shape_ok(self.in_features, self.group_size):
