@@ -133,12 +133,18 @@ def test_tiny_activations_keep_a_finite_fixed_point():
         assert ((y.double() - ref).abs() <= 0.05 * ref.abs().max()).all()
 
 
+def record_calls(monkeypatch, *names) -> list[str]:
+    """The names of these cpu_kernels functions, in the order they are called from now on."""
+    calls = []
+    for name in names:
+        fn = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
+    return calls
+
+
 @needs_kernels
 def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
-    calls = []
-    for name in ("gemv_bf16", "gemv_int8", "gemv_int4", "gemv_glu"):
-        fn = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    calls = record_calls(monkeypatch, "gemv_bf16", "gemv_int8", "gemv_int4", "gemv_glu")
     g = torch.Generator().manual_seed(0)
     w, x = rows(256, 256, g), rows(1, 256, g)
     linear(x, w)
@@ -261,10 +267,7 @@ def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
 
 @needs_kernels
 def test_decode_step_runs_the_small_kernels(monkeypatch):
-    calls = []
-    for name in ("rms_norm", "rotary", "decode_attention", "gemv_glu"):
-        fn = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    calls = record_calls(monkeypatch, "rms_norm", "rotary", "decode_attention", "gemv_glu")
     model = build_model(small_config(), dtype=torch.bfloat16).eval()
     decode_logits(model)
     assert {"rms_norm", "rotary", "decode_attention", "gemv_glu"} <= set(calls)
