@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for decode-sized inputs on CPU (a few rows, reduced precision): bf16 goes through
-    cpu_kernels's kernels where they are built, else one row goes through torch.mv — torch's CPU GEMM at
+    cpu_kernels where it is built, else one row goes through torch.mv — torch's CPU GEMM at
     M = 1 in reduced precision runs several times slower than its GEMV (bench/decode.py)."""
     if x.dtype == weight.dtype and x.dtype != torch.float32 and x.device.type == "cpu":
         if cpu_kernels.usable(x, weight, *(() if bias is None else (bias,))):
