@@ -4,8 +4,8 @@ int8: symmetric, one scale per output channel:   w[n, k] ~ q[n, k] * scale[n],  
 int4: asymmetric, one (scale, zero) per group of `group_size` input channels (default 128):
       w[n, k] ~ (q[n, k] - 8) * scale[n, g] + zero[n, g],   q in [0, 15], g = k // group_size
       (torch's int4 kernels' convention: `zero` is the value q = 8 stands for; scale = (max - min) / 15.)
-Activations stay in the model's dtype. The matmul on CPU: for a few bf16 rows (decode) cpu_kernels's
-kernels, which read the saved layout directly; for many rows (prefill, from DEQUANTIZE_ROWS) a float
+Activations stay in the model's dtype. The matmul on CPU: for a few bf16 rows (decode) the kernels of
+cpu_kernels, which read the saved layout directly; for many rows (prefill, from DEQUANTIZE_ROWS) a float
 matmul over the dequantized weight; in between torch's weight-only kernels (`torch._weight_int8pack_mm`;
 `aten._weight_int4pack_mm_for_cpu` over the layout made by `aten._convert_weight_to_int4pack_for_cpu`).
 Elsewhere it dequantizes and runs a plain matmul.
@@ -48,7 +48,7 @@ HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 HAS_INT4_MM = _has("_weight_int4pack_mm_for_cpu") and _has("_convert_weight_to_int4pack_for_cpu")
 # From this many rows (prefill) a float matmul over the dequantized weight beats torch's int kernels,
 # which are built for few rows (a 512 x 896 x 4864 product on the 2-core machine: int8 32 ms vs 3.5 ms
-# dequantized, int4 30 ms vs 16 ms). Up to cpu_kernels.MAX_ROWS rows cpu_kernels's kernels run first.
+# dequantized, int4 30 ms vs 16 ms). Up to cpu_kernels.MAX_ROWS rows cpu_kernels runs first.
 DEQUANTIZE_ROWS = {8: 32, 4: 256}
 
 
