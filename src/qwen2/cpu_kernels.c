@@ -1,5 +1,6 @@
 /* The CPU side of a bf16 / int8 / int4 decode step on x86 CPUs with AVX-512 BF16 + VNNI: y = x W^T + bias
- * for a few bf16 activation rows x, then (at the end of the file) RMSNorm, RoPE and attention over the cache.
+ * for a few bf16 activation rows x, then (further down) RMSNorm, RoPE, attention over the cache, and the
+ * MLP's gate and up products with their silu and product in one call.
  *
  * Decode reads every weight once per token, so its speed is the rate at which weights stream from
  * memory. torch's bf16 GEMV reaches ~15 GB/s on this project's 2-core machine (fp32 reaches ~25);
