@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qwen2.data import PackedLoader, Source, default_source, prepare_corpus
-from qwen2.tokenizer import load_tokenizer
+from qwen2.tokenizer.bpe import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ One random Qwen2-0.5B-shaped model (ModelConfig.preset, weights ~ N(0, 0.02)), s
   (decode step compiled with --compile); transformers: `model.generate` (its default dynamic cache), the
   per-token time taken as (T(N tokens) - T(1 token)) / (N - 1), ours as the decode loop's own (N - 1) steps;
 - fp32 and bf16 for both, int8 and int4 (group 128, output layer quantized too) for ours;
-- ours runs its decode-time matrix-vector products through qwen2.cpu_kernels where it builds (the run
+- ours runs its decode-time matrix-vector products through qwen2.kernels.ops where it builds (the run
   prints which; QWEN2_CPU_KERNELS=0 measures ours on torch's kernels instead);
 - roofline: weight bytes one decode step reads (`quantize.weight_bytes_per_token`) / this machine's
   memory bandwidth, measured in the same run (a sum over a tensor far larger than the caches).
-Before those, the one-row products alone: GB/s of weights ours (qwen2.cpu_kernels) and torch's kernels read
+Before those, the one-row products alone: GB/s of weights ours (qwen2.kernels.ops) and torch's kernels read
 over a 0.5B layer stack, beside the bandwidth.
 Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outputs are not uniform: a
 small Qwen2 (hidden 256) trained here for a minute or two on Python standard-library source, over the
@@ -39,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
 
-from qwen2 import cpu_kernels  # noqa: E402
+from qwen2.kernels import ops as cpu_kernels  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
-from qwen2.generate import KVCache, generate, prefill  # noqa: E402
+from qwen2.generation import KVCache, generate, prefill  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
 from qwen2.quantize import (Int4Linear, quantize_int4, quantize_int8, quantize_model,  # noqa: E402
                             weight_bytes_per_token)
@@ -204,7 +204,7 @@ def gemv_rows(args) -> list[dict]:
 def stdlib_ids(tokenizer_dir: Path, chars: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(train ids, held-out ids) of stdlib source text, renumbered to the ids the text uses."""
     from qwen2.data.corpus import stdlib_dir
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     files = sorted(stdlib_dir().glob("*.py"))

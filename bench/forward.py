@@ -19,7 +19,7 @@ from common import hf_twin, table, timeit  # noqa: E402
 
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.moe import SparseMoeBlock  # noqa: E402
+from qwen2.model import SparseMoeBlock  # noqa: E402
 
 
 def bench_prefill(tokens: int, repeat: int) -> list[dict]:

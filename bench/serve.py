@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from qwen2.checkpoint import save_model  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
-from qwen2.generate import generate  # noqa: E402
+from qwen2.generation import generate  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.tokenizer import load_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import load_tokenizer  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, timeit  # noqa: E402
 
-from qwen2.tokenizer import QWEN2_PATTERN, load_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer  # noqa: E402
 
 FIXTURE = Path(os.environ.get("QWEN2_TOKENIZER_DIR", Path(__file__).resolve().parents[2] / "shared/fixtures/qwen2-tokenizer"))
 

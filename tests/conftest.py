@@ -52,9 +52,9 @@ def start_server(tiny_chat_checkpoint):
     import uvicorn
 
     from qwen2.checkpoint import load_model
-    from qwen2.engine import Engine
+    from qwen2.engine.engine import Engine
     from qwen2.serve import create_app
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     model = load_model(tiny_chat_checkpoint).eval()
     tokenizer = load_tokenizer(tiny_chat_checkpoint)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from qwen2 import load_model, save_model
-from qwen2.chat import encode_chat
+from qwen2.tokenizer.chat import encode_chat
 from qwen2.config import ModelConfig
-from qwen2.generate import generate, texts_of
+from qwen2.generation import generate, texts_of
 from qwen2.model import build_model
-from qwen2.tokenizer import load_tokenizer
+from qwen2.tokenizer.bpe import load_tokenizer
 
 N = 12  # new tokens per reply: enough to cross token boundaries, small enough to keep each run fast
 STATS = r"\[(\d+) tokens, [0-9.]+ tokens/s\]\n"

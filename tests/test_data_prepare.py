@@ -20,7 +20,7 @@ CODE = inspect.getsource(json.encoder)
 
 
 class ByteTokenizer:
-    """Stand-in used only while qwen2.tokenizer is absent: UTF-8 bytes, EOT 256."""
+    """Stand-in used only while qwen2.tokenizer.bpe is absent: UTF-8 bytes, EOT 256."""
 
     name, endoftext_id = "bytes", 256
 
@@ -37,7 +37,7 @@ class ByteTokenizer:
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
     try:
-        from qwen2.tokenizer import load_tokenizer
+        from qwen2.tokenizer.bpe import load_tokenizer
     except ImportError:
         return ByteTokenizer()
     return load_tokenizer(tokenizer_dir)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from qwen2.config import ModelConfig
-from qwen2.engine import Engine
-from qwen2.generate import generate
+from qwen2.engine.engine import Engine
+from qwen2.generation import generate
 from qwen2.model import build_model
-from qwen2.paged_cache import BlockManager
+from qwen2.engine.paged_cache import BlockManager
 from qwen2.sampling import SamplingParams
 
 

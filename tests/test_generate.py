@@ -5,7 +5,7 @@ import torch
 
 from qwen2 import load_model
 from qwen2.config import ModelConfig
-from qwen2.generate import ChatSession, KVCache, _StopText, decode_one, generate, prefill, stream_text
+from qwen2.generation import ChatSession, KVCache, _StopText, decode_one, generate, prefill, stream_text
 from qwen2.model import build_model
 from qwen2.sampling import SamplingParams
 
@@ -170,7 +170,7 @@ class Scripted(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -265,7 +265,7 @@ def test_chat_session_reuses_the_cache(tiny, tok):
 
 def test_one_row_bf16_linear_matches_the_fp32_product():
     # model.linear sends one bf16 row through torch.mv (the decode step's fast path): same product
-    from qwen2.model import linear
+    from qwen2.kernels.layers import linear
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 32, generator=g).bfloat16(), torch.randn(40, generator=g).bfloat16()

@@ -6,7 +6,7 @@ import transformers
 
 from qwen2 import load_model, save_model
 from qwen2.config import ModelConfig
-from qwen2.generate import KVCache
+from qwen2.generation import KVCache
 
 from hf_reference import hf_model, scaled_config
 

@@ -14,8 +14,8 @@ import openai
 import pytest
 import torch
 
-from qwen2.chat import encode_chat
-from qwen2.generate import generate
+from qwen2.tokenizer.chat import encode_chat
+from qwen2.generation import generate
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 

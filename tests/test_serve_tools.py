@@ -1,6 +1,6 @@
 """Tool calls end to end: a tiny model trained here to answer one tool-calling conversation with a
 hermes `<tool_call>` block; the server must hand that back as OpenAI `tool_calls` (non-streamed and
-streamed), parsed by qwen2.tool_calls, with finish_reason "tool_calls" and no markup in the content."""
+streamed), parsed by qwen2.tokenizer.tools, with finish_reason "tool_calls" and no markup in the content."""
 
 import json
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2.chat import encode_chat
+from qwen2.tokenizer.chat import encode_chat
 from qwen2.config import ModelConfig
-from qwen2.generate import generate
+from qwen2.generation import generate
 from qwen2.model import build_model
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
@@ -23,7 +23,7 @@ REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n<
 
 @pytest.fixture(scope="module")
 def srv(start_server):
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     probe = start_server()  # only for its tokenizer
     tok = probe.tokenizer

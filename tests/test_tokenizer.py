@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen2.tokenizer import QWEN2_PATTERN, StreamDecoder, Tokenizer, load_tokenizer
+from qwen2.tokenizer.bpe import QWEN2_PATTERN, StreamDecoder, Tokenizer, load_tokenizer
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,7 +264,7 @@ def test_load_errors_name_the_file(tmp_path, tokenizer_dir):
 
 
 def test_merges_out_of_id_order_are_refused(tmp_path):
-    from qwen2.tokenizer import bytes_to_unicode
+    from qwen2.tokenizer.bpe import bytes_to_unicode
 
     alphabet = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(alphabet)}

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from test_tokenizer import TEXT, _load_hf
 
-from qwen2.chat import QWEN2_CHAT_TEMPLATE, render_chat
+from qwen2.tokenizer.chat import QWEN2_CHAT_TEMPLATE, render_chat
 from qwen2.cli import main
-from qwen2.tokenizer import _read_tiktoken, bytes_to_unicode, load_tokenizer
-from qwen2.tokenizer_train import derive_merges, train_tokenizer
+from qwen2.tokenizer.bpe import _read_tiktoken, bytes_to_unicode, load_tokenizer
+from qwen2.tokenizer.train import derive_merges, train_tokenizer
 
 VOCAB = 1200
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_tokenizer import _load_hf, hf_tok, tok  # noqa: F401 (fixtures)
 
-from qwen2.chat import apply_chat_template, encode_chat, render_chat
-from qwen2.tokenizer import load_tokenizer
-from qwen2.tool_calls import ToolCall, ToolCallParseError, parse_tool_calls
+from qwen2.tokenizer.chat import apply_chat_template, encode_chat, render_chat
+from qwen2.tokenizer.bpe import load_tokenizer
+from qwen2.tokenizer.tools import ToolCall, ToolCallParseError, parse_tool_calls
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # A Qwen2.5-Instruct style tool template, written from SPEC §6's strings (tools as JSON lines in <tools>,

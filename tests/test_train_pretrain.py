@@ -83,7 +83,7 @@ def test_both_stages_run_and_every_output_is_written(run):
 def test_exported_model_loads_and_its_logits_equal_transformers(run):
     transformers = pytest.importorskip("transformers")
     from qwen2.checkpoint import load_model
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     model_dir = run[0] / "model"
     ours = load_model(model_dir, dtype=torch.float32).eval()
@@ -101,7 +101,7 @@ def test_exported_model_samples_by_default_and_stops_at_endoftext(run):
     transformers = pytest.importorskip("transformers")
     from qwen2.checkpoint import load_model
     from qwen2.sampling import SamplingParams
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
     from qwen2.train.pretrain import GENERATION_DEFAULTS
 
     model_dir = run[0] / "model"

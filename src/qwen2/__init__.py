@@ -1,7 +1,7 @@
 """qwen2: a PyTorch-native implementation of the Qwen2 Technical Report (arXiv 2407.10671).
 
 Public API (imported lazily, so `import qwen2` stays cheap):
-    ModelConfig, load_model, save_model, load_tokenizer, generate, Engine
+    ModelConfig, Qwen2, load_model, save_model, load_tokenizer, save_tokenizer, generate, Engine
 """
 
 from importlib import import_module
@@ -11,9 +11,10 @@ _EXPORTS = {
     "Qwen2": "qwen2.model",
     "load_model": "qwen2.checkpoint",
     "save_model": "qwen2.checkpoint",
-    "load_tokenizer": "qwen2.tokenizer",
-    "generate": "qwen2.generate",
-    "Engine": "qwen2.engine",
+    "load_tokenizer": "qwen2.tokenizer.bpe",
+    "save_tokenizer": "qwen2.tokenizer.bpe",
+    "generate": "qwen2.generation",  # the function; its module is qwen2.generation, so importing it never shadows it
+    "Engine": "qwen2.engine.engine",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,8 +1,8 @@
 """The one attention call site: scaled dot-product attention with grouped-query heads.
 
 SPEC.md 2.4: scores = q k^T / sqrt(d) + causal mask, softmax in fp32, no dropout. We call PyTorch's
-SDPA, whose CPU and CUDA kernels accumulate the softmax in fp32; a bf16 decode step on CPU calls
-cpu_kernels.decode_attention instead (the same arithmetic in one call, without SDPA's ~100 us of setup).
+SDPA, whose CPU and CUDA kernels accumulate the softmax in fp32 (qwen2.kernels swaps in a one-call
+decode kernel for bf16 on CPU, from outside).
 
 A KV cache meets the attention through two methods (the static cache in generate.py and the
 paged cache in engine.py both implement them):
@@ -17,7 +17,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from qwen2 import cpu_kernels
 
 
 class KVCache(Protocol):
@@ -33,8 +32,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
-    if mask is not None and cpu_kernels.decode_attention_ok(q, k, v):
-        return cpu_kernels.decode_attention(q, k, v, mask)  # a bf16 decode step on CPU (SDPA's setup costs ~100 us)
     if t == 1 and hq != hkv:
         # Decode: fold the query heads of each KV group into the query axis, so the cache is
         # read once per KV head instead of being expanded to every query head.

@@ -22,7 +22,9 @@ import torch
 
 from qwen2.config import ModelConfig
 from qwen2.files import atomic_path, atomic_write_text, read_json_object
+from qwen2.kernels import install as install_kernels
 from qwen2.model import Qwen2
+from qwen2.quantize import apply_quantization
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -94,11 +96,13 @@ def _mmap_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> 
     return torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Qwen2:
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               *, kernels: bool = True) -> Qwen2:
     """Load a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory.
 
     dtype: floating tensors are cast to it (default: config.json's torch_dtype); quantized integer
     tensors keep theirs. Everything is checked before the first tensor is materialised.
+    kernels: on CPU, swap in the decode kernels (qwen2.kernels.install); False keeps plain PyTorch layers.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -114,8 +118,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     with torch.device("meta"):
         model = Qwen2(config)
     if config.quantization:
-        from qwen2.quantize import apply_quantization
-
         apply_quantization(model, config.quantization)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -156,6 +158,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         state[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     model.generation_config = generation_config  # qwen2.generate's sampling defaults
+    if kernels and torch.device(device).type == "cpu":
+        install_kernels(model)
     return model.eval()
 
 

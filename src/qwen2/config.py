@@ -20,7 +20,7 @@ from typing import Any
 
 from qwen2.files import atomic_write_text, read_json_object
 
-ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 
 
 @dataclass
@@ -43,8 +43,8 @@ class ModelConfig:
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int | None = None
-    bos_token_id: int | None = ENDOFTEXT
-    eos_token_id: int | list[int] | None = ENDOFTEXT
+    bos_token_id: int | None = ENDOFTEXT_ID
+    eos_token_id: int | list[int] | None = ENDOFTEXT_ID
     torch_dtype: str = "bfloat16"
     use_cache: bool = True
     # Mixture of Experts (model_type "qwen2_moe"); 0 experts means dense.
@@ -253,10 +253,10 @@ def _dense(hidden, inter, layers, heads, kv, vocab, tie, **kw):
 
 def _base(d, window=131072, layers=None):
     return {**d, "max_position_embeddings": 131072, "sliding_window": window,
-            "max_window_layers": layers or d["num_hidden_layers"], "eos_token_id": ENDOFTEXT}
+            "max_window_layers": layers or d["num_hidden_layers"], "eos_token_id": ENDOFTEXT_ID}
 
 
-def _instruct(d, window=32768, layers=None, eos=IM_END):
+def _instruct(d, window=32768, layers=None, eos=IM_END_ID):
     return {**d, "max_position_embeddings": 32768, "sliding_window": window,
             "max_window_layers": layers or d["num_hidden_layers"], "eos_token_id": eos}
 
@@ -281,7 +281,7 @@ PRESETS: dict[str, dict] = {
     "Qwen2-72B": {**_base(_D72, layers=28), "rms_norm_eps": 1e-5},
     "Qwen2-72B-Instruct": _instruct(_D72, window=131072),
     "Qwen2-57B-A14B": _base(_MOE, window=4096, layers=21),
-    "Qwen2-57B-A14B-Instruct": _instruct(_MOE, eos=ENDOFTEXT),
+    "Qwen2-57B-A14B-Instruct": _instruct(_MOE, eos=ENDOFTEXT_ID),
     # Long-context serving: the Instruct card's recommended static YaRN x4 (SPEC 1.3).
     "Qwen2-7B-Instruct-YaRN": {**_instruct(_D7, window=131072), "rope_scaling": _YARN_X4},
     "Qwen2-72B-Instruct-YaRN": {**_instruct(_D72, window=131072), "rope_scaling": _YARN_X4},

@@ -1,9 +1,13 @@
-"""The Qwen2 decoder: RMSNorm, GQA attention with q/k/v bias, SwiGLU MLP, pre-norm blocks.
+"""The Qwen2 decoder: RMSNorm, GQA attention with q/k/v bias, SwiGLU MLP or the MoE block, pre-norm layers.
 
-SPEC.md section 2 (the math as transformers' modeling_qwen2 implements it). Parameter names are the
-Hugging Face checkpoint's (`model.layers.N.self_attn.q_proj.weight`, ...), so a checkpoint loads with
-`load_state_dict(strict=True)` and no key map. With tied embeddings there is no `lm_head` module:
-the logits use `model.embed_tokens.weight`, exactly as the checkpoint stores it (no lm_head key).
+SPEC.md section 2 (the math as transformers' modeling_qwen2 and modeling_qwen2_moe implement it).
+Parameter names are the Hugging Face checkpoint's (`model.layers.N.self_attn.q_proj.weight`,
+`mlp.experts.E.gate_proj`, ...), so a checkpoint loads with `load_state_dict(strict=True)` and no key
+map. With tied embeddings there is no `lm_head` module: the logits use `model.embed_tokens.weight`,
+exactly as the checkpoint stores it (no lm_head key).
+
+Plain PyTorch: machine kernels (qwen2.kernels.install) and quantized linears (qwen2.quantize) are
+swapped in from outside after construction; nothing here branches on them.
 
 Build on the meta device, then load (checkpoint.py) or call `init_weights()`:
     model = build_model(ModelConfig.preset("tiny"), seed=0)
@@ -15,10 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2 import cpu_kernels
 from qwen2.attention import attend
 from qwen2.config import ModelConfig
-from qwen2.rope import apply_rotary, inv_frequencies, rope_cos_sin
+from qwen2.rope import Rope, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -30,38 +33,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.eager_usable(x, self.weight):  # bf16 on CPU: one kernel call for these 8 ops
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * n.to(x.dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for decode-sized inputs on CPU (a few rows, reduced precision): bf16 goes through
-    cpu_kernels where it is built, else one row goes through torch.mv — torch's CPU GEMM at
-    M = 1 in reduced precision runs several times slower than its GEMV (bench/decode.py)."""
-    if x.dtype == weight.dtype and x.dtype != torch.float32 and x.device.type == "cpu":
-        if cpu_kernels.usable(x, weight, *(() if bias is None else (bias,))):
-            return cpu_kernels.gemv_bf16(x, weight, bias)
-        if x.numel() == x.shape[-1]:
-            y = torch.mv(weight, x.reshape(-1))
-            return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) in one cpu_kernels call (bf16 decode on CPU), or None where it does not apply."""
-        if (type(up) is Linear and self.bias is None and up.bias is None and x.dtype == self.weight.dtype == up.weight.dtype
-                and cpu_kernels.usable(x, self.weight, up.weight)):
-            return cpu_kernels.gemv_glu(x, self.weight, up.weight)
-        return None
 
 
 class MLP(nn.Module):
@@ -69,36 +43,91 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias=False)
-        self.up_proj = Linear(hidden, intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        glu = getattr(self.gate_proj, "glu", None)  # Linear, Int8Linear, Int4Linear: a decode step's fused call
-        y = glu(self.up_proj, x) if glu is not None else None
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x) if y is None else y)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    """Qwen2-MoE's FFN (SPEC 2.6; paper 2.2.3): a softmax router over all experts in fp32, the top-k
+    weights not renormalised unless `norm_topk_prob` (Qwen2: false, so they sum to less than 1), and a
+    shared expert (the paper's 8 shared experts fused into one SwiGLU MLP of 8 x 2560) that is always on,
+    scaled by a per-token sigmoid gate (from the released code rather than the paper).
+
+    Dispatch groups tokens by expert: one argsort of the (token, slot) pairs, one gather, one matmul
+    chain per expert that received tokens, one weighted scatter-add. Experts stay separate modules
+    (`mlp.experts.E.gate_proj`) so the checkpoint loads with no key map.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(h, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def route(self, x: torch.Tensor):
+        """x [T, H] -> router logits [T, E], weights [T, k] (x's dtype), expert ids [T, k]."""
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        logits, weights, ids = self.route(x)
+        if router_logits is not None:
+            router_logits.append(logits)
+        flat = ids.flatten()  # [T*k] expert of each (token, slot) pair
+        order = flat.argsort(stable=True)
+        token = order // self.top_k  # token of each pair, grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        xs = x[token]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start : start + n] = self.experts[e](xs[start : start + n])
+                start += n
+        out = out * weights.flatten()[order, None]
+        routed = torch.zeros_like(x).index_add_(0, token, out)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).view(shape)
 
 
 class Attention(nn.Module):
+    """GQA with q/k/v bias (SPEC 2.4). `rotary` and `attend` are the two calls a kernel layer may replace."""
+
+    rotary = staticmethod(apply_rotary)
+    attend = staticmethod(attend)
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h = config.hidden_size
-        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions)
-        out = attend(q, k, v, mask)  # [B, Hq, T, d]
+        out = self.attend(q, k, v, mask)  # [B, Hq, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -107,12 +136,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.sparse = config.is_moe_layer(layer_idx)
-        if self.sparse:
-            from qwen2.moe import SparseMoeBlock  # moe.py builds its experts from MLP
-
-            self.mlp = SparseMoeBlock(config)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = SparseMoeBlock(config) if self.sparse else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -139,19 +163,18 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = config
         self.model = Body(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._rope: tuple[torch.Tensor, float] | None = None  # (inv_freq fp32, scaling); not a buffer, so .to(dtype) leaves it fp32
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = Rope(config)  # not a module or buffer: .to(dtype) leaves its fp32 tables alone
 
     @property
     def output_weight(self) -> torch.Tensor:
         """The [V, H] matrix of the output layer (the embedding when tied)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        if self._rope is None or self._rope[0].device != positions.device:
-            self._rope = inv_frequencies(self.config, device=positions.device)
-        inv_freq, scaling = self._rope
-        return rope_cos_sin(inv_freq, positions, scaling, dtype)
+    def set_rope_theta(self, theta: float) -> None:
+        """Change the RoPE base (the long-context stage: 10^4 -> 10^6); the rotary tables follow."""
+        self.config = self.config.replace(rope_theta=float(theta))
+        self.rope = Rope(self.config)
 
     def hidden_states(self, input_ids, positions=None, cache=None, router_logits: list | None = None):
         """Final-norm hidden states [B, T, H]. MoE layers append their router logits [B*T, E] to `router_logits`."""
@@ -163,7 +186,7 @@ class Qwen2(nn.Module):
         elif positions.dim() == 1:
             positions = positions.expand(b, t)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
         mask = cache.mask(positions) if cache is not None else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, cache, mask, router_logits)
@@ -171,7 +194,7 @@ class Qwen2(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # Through the module when there is one, so a quantized lm_head (quantize.py) runs its own kernel.
-        return linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, positions, cache))
@@ -188,7 +211,7 @@ class Qwen2(nn.Module):
                     m.bias.zero_()
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
-        self._rope = None
+        self.rope = Rope(self.config)
 
 
 def build_model(config: ModelConfig, *, device="cpu", dtype=torch.float32, seed: int | None = 0) -> Qwen2:

@@ -4,11 +4,11 @@ int8: symmetric, one scale per output channel:   w[n, k] ~ q[n, k] * scale[n],  
 int4: asymmetric, one (scale, zero) per group of `group_size` input channels (default 128):
       w[n, k] ~ (q[n, k] - 8) * scale[n, g] + zero[n, g],   q in [0, 15], g = k // group_size
       (torch's int4 kernels' convention: `zero` is the value q = 8 stands for; scale = (max - min) / 15.)
-Activations stay in the model's dtype. The matmul on CPU: for a few bf16 rows (decode) the kernels of
-cpu_kernels, which read the saved layout directly; for many rows (prefill, from DEQUANTIZE_ROWS) a float
-matmul over the dequantized weight; in between torch's weight-only kernels (`torch._weight_int8pack_mm`;
+Activations stay in the model's dtype. The matmul on CPU: for many rows (prefill, from DEQUANTIZE_ROWS) a
+float matmul over the dequantized weight; below that torch's weight-only kernels (`torch._weight_int8pack_mm`;
 `aten._weight_int4pack_mm_for_cpu` over the layout made by `aten._convert_weight_to_int4pack_for_cpu`).
-Elsewhere it dequantizes and runs a plain matmul.
+Elsewhere it dequantizes and runs a plain matmul. For a few bf16 rows (decode) qwen2.kernels swaps in
+layers whose kernels read the saved layout directly.
 
 Which layers (the policy, one place: `_targets`):
 - every nn.Linear in the decoder layers (q/k/v/o projections, the MLP, MoE experts and shared expert);
@@ -34,8 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2 import cpu_kernels
-
 METHOD = "weight_only"
 
 
@@ -48,7 +46,7 @@ HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 HAS_INT4_MM = _has("_weight_int4pack_mm_for_cpu") and _has("_convert_weight_to_int4pack_for_cpu")
 # From this many rows (prefill) a float matmul over the dequantized weight beats torch's int kernels,
 # which are built for few rows (a 512 x 896 x 4864 product on the 2-core machine: int8 32 ms vs 3.5 ms
-# dequantized, int4 30 ms vs 16 ms). Up to cpu_kernels.MAX_ROWS rows cpu_kernels runs first.
+# dequantized, int4 30 ms vs 16 ms).
 DEQUANTIZE_ROWS = {8: 32, 4: 256}
 
 
@@ -88,15 +86,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
-    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) in one cpu_kernels call (decode on CPU), or None where it does not apply."""
-        if type(up) is Int8Linear and self.bias is None and up.bias is None and cpu_kernels.usable(x):
-            return cpu_kernels.gemv_glu(x, self.weight, up.weight, self.scales, up.scales)
-        return None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.usable(x):
-            return cpu_kernels.gemv_int8(x, self.weight, self.scales, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         s = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
@@ -156,17 +146,7 @@ class Int4Linear(nn.Module):
             self.prepare()
         return self
 
-    def glu(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) in one cpu_kernels call (decode on CPU), or None where it does not apply."""
-        if (type(up) is Int4Linear and self.bias is None and up.bias is None and up.group_size == self.group_size
-                and cpu_kernels.usable(x) and cpu_kernels.int4_shape_ok(self.in_features, self.group_size)):
-            return cpu_kernels.gemv_glu(x, self.weight, up.weight, self.scales, up.scales, self.zeros, up.zeros,
-                                        self.group_size)
-        return None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.usable(x) and cpu_kernels.int4_shape_ok(self.in_features, self.group_size):
-            return cpu_kernels.gemv_int4(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed is not None and x.device.type == "cpu" and x2.shape[0] < DEQUANTIZE_ROWS[4]:

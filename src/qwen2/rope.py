@@ -7,6 +7,8 @@ YaRN (Peng et al. 2023) as transformers implements it: the scale factor s comes 
 (falling back to max_position_embeddings). This is the fixed behaviour of transformers#40320; the
 versions between mid-2024 and Aug 2025 silently replaced s by max_pos/L0 (transformers#38224).
 The factor is static: it applies whatever the input length, as in vLLM.
+
+`Rope` holds one config's tables (inv_freq in fp32, the attention scaling), computed once per device.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import math
 
 import torch
 
-from qwen2 import cpu_kernels
 from qwen2.config import ModelConfig
 
 
@@ -61,8 +62,23 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, d]; cos/sin [B, T, d]. x*cos + rotate_half(x)*sin with rotate_half = (-x2, x1)."""
-    if x.shape[2] == 1 and cpu_kernels.eager_usable(x, cos, sin):  # a bf16 decode step on CPU: one kernel call
-        return cpu_kernels.rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Rope:
+    """The rotary tables of one config: `cos_sin(positions, dtype)`. Not an nn.Module, so the model's
+    .to(dtype) leaves the fp32 frequencies alone; a new config (a new RoPE base) means a new Rope."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self._tables: dict[torch.device, tuple[torch.Tensor, float]] = {}  # device -> (inv_freq, scaling)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
+        tables = self._tables.get(positions.device)
+        if tables is None:
+            tables = self._tables[positions.device] = inv_frequencies(self.config, device=positions.device)
+        inv_freq, scaling = tables
+        return rope_cos_sin(inv_freq, positions, scaling, dtype)

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2.serve.choices import Choice, TextStream, chat_logprobs, completion_logprobs
 from qwen2.serve.protocol import APIError, ChatRequest, CompletionRequest, parse_json, validate
-from qwen2.serve.runtime import AsyncEngine, Overloaded
+from qwen2.serve.engine_thread import AsyncEngine, Overloaded
 
 
 class Server:
@@ -150,7 +150,7 @@ def sse(obj: dict) -> str:
 
 def create_app(engine, tokenizer, *, model_name: str = "qwen2", api_key: str | None = None, **limits) -> FastAPI:
     """The FastAPI app; `limits`: max_body_bytes, max_pending, tool_format (see Server)."""
-    from qwen2.serve.chat import chat_completions
+    from qwen2.serve.chat_completions import chat_completions
     from qwen2.serve.completions import completions
     from qwen2.serve.page import PAGE
 
@@ -233,8 +233,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, served_m
     import uvicorn
 
     from qwen2.checkpoint import load_model
-    from qwen2.engine import Engine
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.engine.engine import Engine
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     model = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None).eval()
     tokenizer = load_tokenizer(model_dir)

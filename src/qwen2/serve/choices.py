@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass, field
 
-from qwen2.engine import StepOutput, TokenLogprob
+from qwen2.engine.engine import StepOutput, TokenLogprob
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:

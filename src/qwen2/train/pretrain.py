@@ -77,7 +77,7 @@ def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> 
     made_from = {"files": len(text), "digest": files_digest(text), "vocab": cfg.tokenizer_vocab}
     stamp = run_dir / "tokenizer_source.json"  # what the cached tokenizer was trained on
     if not (out / "tokenizer.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made_from:
-        from qwen2.tokenizer_train import train_tokenizer
+        from qwen2.tokenizer.train import train_tokenizer
 
         stamp.unlink(missing_ok=True)
         train_tokenizer(text, cfg.tokenizer_vocab, out)
@@ -187,7 +187,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     """Run (or resume) the whole pre-training; returns a summary (also written to run_dir/summary.json)."""
     from qwen2.data import PackedLoader
     from qwen2.model import build_model
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.out)
@@ -286,7 +286,7 @@ def export(model, tok_dir: Path, out: Path) -> Path:
     """The final model in the Hugging Face layout, with the tokenizer's files beside it, and a
     generation_config.json (GENERATION_DEFAULTS, stopping at <|endoftext|>) unless the tokenizer has one."""
     from qwen2.checkpoint import save_model
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     save_model(model, out)
     for name in TOKENIZER_FILES:

@@ -49,7 +49,7 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
 
     from qwen2.checkpoint import load_model
     from qwen2.config import param_counts
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
     from qwen2.train.report import flops_per_token, peak_flops, plot_long_context, plot_losses, read_metrics, write_report
 
     run = Path(cfg.out)
@@ -98,7 +98,7 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
 
 def generate_samples(model, tok, n: int, max_new_tokens: int) -> list[dict]:
     """Sampled continuations of a few Python/English prompts (pretrain.GENERATION_DEFAULTS, fixed seed)."""
-    from qwen2.generate import generate
+    from qwen2.generation import generate
     from qwen2.train.pretrain import GENERATION_DEFAULTS
 
     out = []

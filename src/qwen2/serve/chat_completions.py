@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: messages rendered by qwen2.chat (ChatML; control tokens typed in a message
-stay text), tools in the checkpoint's format (qwen2.tool_calls: hermes by default), replies parsed back
+"""POST /v1/chat/completions: messages rendered by qwen2.tokenizer.chat (ChatML; control tokens typed in a message
+stay text), tools in the checkpoint's format (qwen2.tokenizer.tools: hermes by default), replies parsed back
 into OpenAI `tool_calls`, streaming with `stream_options.include_usage`.
 
 Streaming with tools: text before a `<tool_call>` block streams as content; from the block on, the text
@@ -22,7 +22,7 @@ CALL_OPEN = "<tool_call>"
 
 def chat_prompt(srv, req: ChatRequest) -> tuple[list[int], bool]:
     """(prompt ids, tools on) for a request; bad messages or tools -> 400 naming the field."""
-    from qwen2.chat import encode_chat
+    from qwen2.tokenizer.chat import encode_chat
 
     messages = []
     for m in req.messages:
@@ -47,7 +47,7 @@ def chat_prompt(srv, req: ChatRequest) -> tuple[list[int], bool]:
 
 def split_tool_calls(srv, text: str) -> tuple[str | None, list[dict]]:
     """Generated text -> (content, OpenAI tool_calls); text that does not parse stays content."""
-    from qwen2.tool_calls import ToolCallParseError, parse_tool_calls
+    from qwen2.tokenizer.tools import ToolCallParseError, parse_tool_calls
 
     try:
         content, calls = parse_tool_calls(text, srv.tool_format)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from qwen2.paged_cache import BlockManager, block_hashes
+from qwen2.engine.paged_cache import BlockManager, block_hashes
 
 
 class Status(enum.Enum):

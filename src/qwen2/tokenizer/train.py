@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from qwen2.chat import QWEN2_CHAT_TEMPLATE
+from qwen2.tokenizer.chat import QWEN2_CHAT_TEMPLATE
 from qwen2.files import atomic_write_text
-from qwen2.tokenizer import CONTROL_TOKENS, ENDOFTEXT, QWEN2_PATTERN, Tokenizer, bytes_to_unicode, load_tokenizer
+from qwen2.tokenizer.bpe import CONTROL_TOKENS, ENDOFTEXT, QWEN2_PATTERN, Tokenizer, bytes_to_unicode, load_tokenizer
 
 
 def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:

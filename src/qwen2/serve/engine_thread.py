@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 
-from qwen2.engine import Engine, StepOutput
+from qwen2.engine.engine import Engine, StepOutput
 
 log = logging.getLogger("qwen2.serve")
 

@@ -1,4 +1,4 @@
-"""cpu_kernels: the decode-time CPU kernels equal the float64 product (within bf16 output rounding and, for
+"""qwen2.kernels: the decode-time CPU kernels equal the float64 product (within bf16 output rounding and, for
 integer weights, the activations' fixed-point step), they build where the CPU can run them, they are
 used by the model and the quantized layers, they work inside torch.compile, and turning them off
 falls back to torch."""
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2 import cpu_kernels
+from qwen2.kernels import ops as cpu_kernels
 from qwen2.config import ModelConfig
-from qwen2.generate import KVCache, decode_one, prefill
-from qwen2.attention import attend
-from qwen2.model import RMSNorm, build_model, linear
-from qwen2.rope import apply_rotary
+from qwen2.generation import KVCache, decode_one, prefill
+from qwen2.kernels import install
+from qwen2.kernels.layers import Attention, RMSNorm, linear
+from qwen2.model import build_model
 from qwen2.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
 
 CPU_FLAGS = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
@@ -148,9 +148,9 @@ def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w, x = rows(256, 256, g), rows(1, 256, g)
     linear(x, w)
-    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    model = install(build_model(small_config(), dtype=torch.bfloat16).eval())
     for bits in (8, 4):
-        q = quantize_model(build_model(small_config(), dtype=torch.bfloat16).eval(), bits=bits)
+        q = install(quantize_model(build_model(small_config(), dtype=torch.bfloat16).eval(), bits=bits))
         with torch.no_grad():
             q(torch.tensor([[1]]))
     assert {"gemv_bf16", "gemv_int8", "gemv_int4"} <= set(calls)
@@ -180,9 +180,9 @@ def decode_logits(model):
 @needs_kernels
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
-    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    model = install(build_model(small_config(), dtype=torch.bfloat16).eval())
     if bits:
-        model = quantize_model(model, bits=bits)
+        model = install(quantize_model(model, bits=bits))
     fast = decode_logits(model)
     monkeypatch.setattr(cpu_kernels, "_ready", lambda tensors: False)  # every kernel off: torch's ops
     slow = decode_logits(model)
@@ -237,7 +237,7 @@ def test_rotary_kernel_is_torchs_rotary(b, h, d):
     cos, sin = rows(b, d, g).view(b, 1, d), rows(b, d, g).view(b, 1, d)
     x1, x2 = x.chunk(2, dim=-1)
     ref = x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
-    assert torch.equal(apply_rotary(x, cos, sin), ref)
+    assert torch.equal(Attention.rotary(x, cos, sin), ref)
     assert torch.equal(cpu_kernels.rotary(x, cos, sin), ref)
 
 
@@ -262,13 +262,13 @@ def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
     # e_j rounded to bf16 (as torch's kernel does), then the output: half a bf16 step of max|v| and of out
     bound = 2.0**-8 * (v.double().abs().amax() + ref.abs()) + 1e-6
     assert y.shape == q.shape and ((y.double() - ref).abs() <= bound).all()
-    assert torch.equal(attend(q, k, v, mask), y)  # the attention call site takes it
+    assert torch.equal(Attention.attend(q, k, v, mask), y)  # the kernel attention layer takes it
 
 
 @needs_kernels
 def test_decode_step_runs_the_small_kernels(monkeypatch):
     calls = record_calls(monkeypatch, "rms_norm", "rotary", "decode_attention", "gemv_glu")
-    model = build_model(small_config(), dtype=torch.bfloat16).eval()
+    model = install(build_model(small_config(), dtype=torch.bfloat16).eval())
     decode_logits(model)
     assert {"rms_norm", "rotary", "decode_attention", "gemv_glu"} <= set(calls)
     calls.clear()  # fp32, or a forward that keeps autograd: torch's ops
@@ -289,12 +289,12 @@ def test_the_kernels_inside_torch_compile():
         assert torch.equal(a, c)
     q, k, v = rows(4, 64, g).view(1, 4, 1, 64), cache_view(1, 2, 12, 10, 64, g), cache_view(1, 2, 12, 10, 64, g)
     mask = (torch.arange(10) <= 6).view(1, 1, 1, 10)
-    attn = torch.compile(lambda q: attend(q, k, v, mask), fullgraph=True)
+    attn = torch.compile(lambda q: Attention.attend(q, k, v, mask), fullgraph=True)
     assert torch.equal(attn(q), cpu_kernels.decode_attention(q, k, v, mask))
 
 
 def test_turned_off_falls_back_to_torch():
-    code = ("import torch; from qwen2 import cpu_kernels; from qwen2.model import linear; "
+    code = ("import torch; from qwen2.kernels import ops as cpu_kernels; from qwen2.kernels.layers import linear; "
             "w = torch.randn(8, 16).bfloat16(); x = torch.randn(1, 16).bfloat16(); "
             "y = linear(x, w); ref = x.float() @ w.float().T; "
             "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_kernels.status())")

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen2.paged_cache import BlockManager, KVPool, PagedBatch
+from qwen2.engine.paged_cache import BlockManager, KVPool, PagedBatch
 from qwen2.sampling import SamplingParams, TokenHistory, sample
-from qwen2.scheduler import Scheduler, Sequence
+from qwen2.engine.scheduler import Scheduler, Sequence
 
 
 @dataclass

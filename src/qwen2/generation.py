@@ -21,7 +21,6 @@ from typing import Iterator, Sequence
 
 import torch
 
-from qwen2 import cpu_kernels
 from qwen2.config import ModelConfig
 from qwen2.sampling import SamplingParams, TokenHistory, sample
 
@@ -108,7 +107,6 @@ def compiled_decode_one(model):
     if not hasattr(torch, "compile"):
         return decode_one
     key = id(model)
-    cpu_kernels.status()  # build (or rule out) the CPU kernels before tracing
     if key not in _COMPILED:
         _COMPILED.clear()  # one model at a time: don't keep old models alive
         # On CPU, inductor's C++ wrapper: its default Python wrapper spends ~6 ms a step on Qwen2-0.5B

@@ -28,8 +28,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from qwen2.tokenizer import IM_END, IM_START, Tokenizer
-from qwen2.tool_calls import (
+from qwen2.tokenizer.bpe import IM_END, IM_START, Tokenizer
+from qwen2.tokenizer.tools import (
     FN_EXIT,
     FN_NAME,
     FN_RESULT,

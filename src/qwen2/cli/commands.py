@@ -4,7 +4,7 @@ cli.py parses the flags and calls `run_generate` / `run_chat` / `run_quantize` h
 fix are raised as ValueError / FileNotFoundError with one line naming the path and the fix; cli.main
 prints them without a traceback.
 
-Chat keeps the conversation as messages and renders it with qwen2.chat (ChatML, Qwen2-Instruct's
+Chat keeps the conversation as messages and renders it with qwen2.tokenizer.chat (ChatML, Qwen2-Instruct's
 default system prompt unless --system). Each turn reuses the KV cache of everything said so far when
 the new rendering extends the old one token for token, so only the new user turn is prefilled.
 """
@@ -46,7 +46,7 @@ def load(path: str | None, dtype: str | None):
     import torch
 
     from qwen2.checkpoint import load_model
-    from qwen2.tokenizer import load_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
 
     d = model_dir(path)
     tokenizer = load_tokenizer(d)
@@ -77,7 +77,7 @@ def _stats(gen) -> str:
 
 
 def run_generate(args) -> int:
-    from qwen2.generate import generate, texts_of
+    from qwen2.generation import generate, texts_of
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
@@ -97,8 +97,8 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from qwen2.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
-    from qwen2.generate import ChatSession
+    from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
+    from qwen2.generation import ChatSession
 
     model, tokenizer, d = load(args.model, args.dtype)
     params = sampling_params(args, d, tokenizer, chat=True)

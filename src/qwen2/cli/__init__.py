@@ -17,7 +17,7 @@ def _add_info(sub):
     p.add_argument("path", help="a checkpoint directory (config.json) or a preset name such as 'Qwen2-7B'")
 
     def run(a):
-        from qwen2.info import info
+        from qwen2.cli.info import info
 
         print(info(a.path))
 
@@ -55,7 +55,7 @@ def _add_tokenizer(sub):
     t.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt, tokenizer_config.json")
 
     def run(a):
-        from qwen2.tokenizer_train import train_tokenizer
+        from qwen2.tokenizer.train import train_tokenizer
 
         train_tokenizer(a.input, a.vocab_size, a.out)
 
@@ -86,7 +86,7 @@ def _add_generate(sub):
     _sampling_flags(p, max_new_tokens=256)
 
     def run(a):
-        from qwen2.chat_cli import run_generate
+        from qwen2.cli.commands import run_generate
 
         return run_generate(a)
 
@@ -99,7 +99,7 @@ def _add_chat(sub):
     _sampling_flags(p, max_new_tokens=1024)
 
     def run(a):
-        from qwen2.chat_cli import run_chat
+        from qwen2.cli.commands import run_chat
 
         return run_chat(a)
 
@@ -117,7 +117,7 @@ def _add_quantize(sub):
                    help="dtype of the scales and float layers (default: the checkpoint's)")
 
     def run(a):
-        from qwen2.chat_cli import run_quantize
+        from qwen2.cli.commands import run_quantize
 
         return run_quantize(a)
 
@@ -160,7 +160,7 @@ def _add_speedrun(sub):
         if report:
             from pathlib import Path
 
-            from qwen2.chat_cli import DEFAULT_MODEL
+            from qwen2.cli.commands import DEFAULT_MODEL
 
             print(f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final held-out loss "
                   f"{report['final_eval_loss']:.3f}, {report['tokens_per_s']:.0f} tokens/s, MFU {100 * report['mfu']:.1f}%")
@@ -195,5 +195,3 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

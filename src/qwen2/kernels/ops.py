@@ -11,9 +11,9 @@ loaded with ctypes: no build step at install, nothing to download. Where it cann
 a CPU without those instructions, not Linux x86-64) or QWEN2_CPU_KERNELS=0 is set, the predicates below
 are False and callers keep torch's ops; `status()` says which and why.
 
-Callers: model.linear and quantize.Int8Linear / Int4Linear (GEMV, at most MAX_ROWS rows: `usable`),
-model.RMSNorm and rope.apply_rotary (`eager_usable`), attention.attend (`decode_attention_ok`); never
-with autograd. Inside torch.compile the GEMVs and the attention are the ops torch.ops.qwen2.*; RMSNorm
+Callers: the kernel layers of layers.py, swapped into a model by `qwen2.kernels.install`: the linears
+(GEMV, at most MAX_ROWS rows: `usable`), RMSNorm and RoPE (`eager_usable`), attention
+(`decode_attention_ok`); never with autograd. Inside torch.compile the GEMVs and the attention are the ops torch.ops.qwen2.*; RMSNorm
 and RoPE are left to inductor, which fuses them itself.
 """
 
@@ -89,7 +89,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return lib, f"on ({path})"
 
 
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The built library (built on first call), or None where it cannot be (status() says why)."""
     global _lib, _status
     if _status is None:
         with _lock:
@@ -103,7 +104,7 @@ def _library() -> ctypes.CDLL | None:
 
 def status() -> str:
     """One line: whether the kernels are in use, and why not."""
-    _library()
+    library()
     return f"qwen2 CPU kernels {_status}"
 
 
@@ -113,7 +114,7 @@ def _ready(tensors) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return (_lib if torch.compiler.is_compiling() else _library()) is not None
+    return (_lib if torch.compiler.is_compiling() else library()) is not None
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -136,7 +137,7 @@ def _bf16_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _call(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, *weight_args) -> torch.Tensor:
     """Run kernel `name` on x [..., K] (bf16); weight_args are its pointer and size arguments before x.
     The tensors behind the pointers must stay referenced by the caller until this returns."""
-    lib = _library()
+    lib = library()
     if lib is None:
         raise RuntimeError(status())
     x = x if x.is_contiguous() else x.contiguous()
@@ -163,7 +164,7 @@ def _glu(x, w_gate, w_up, s_gate, s_up, z_gate, z_up, group_size: int) -> torch.
     wg, wu, x = w_gate.contiguous(), w_up.contiguous(), x.contiguous()
     sg, zg, su, zu = (None if t is None else _bf16_contiguous(t) for t in (s_gate, z_gate, s_up, z_up))
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    _library().q2_glu(kind, *(None if t is None else t.data_ptr() for t in (wg, sg, zg, wu, su, zu)), group_size, n, k,
+    library().q2_glu(kind, *(None if t is None else t.data_ptr() for t in (wg, sg, zg, wu, su, zu)), group_size, n, k,
                       x.data_ptr(), x.numel() // k, y.data_ptr(), torch.get_num_threads())
     return y
 
@@ -233,7 +234,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     k = x.shape[-1]
-    _library().q2_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), x.numel() // k, k, eps, y.data_ptr())
+    library().q2_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), x.numel() // k, k, eps, y.data_ptr())
     return y
 
 
@@ -242,7 +243,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     b, h, _, d = x.shape
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     y = torch.empty_like(x)
-    _library().q2_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, d, y.data_ptr())
+    library().q2_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, d, y.data_ptr())
     return y
 
 
@@ -260,7 +261,7 @@ def _decode_attention(q, k, v, mask) -> torch.Tensor:
     q = q.contiguous()
     m = mask.reshape(b, -1).contiguous()
     out = torch.empty_like(q)
-    _library().q2_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), m.data_ptr(),
+    library().q2_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), m.data_ptr(),
                                    b, hq, k.shape[1], k.shape[2], d, d**-0.5, out.data_ptr(), torch.get_num_threads())
     return out
 
