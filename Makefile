@@ -19,4 +19,5 @@ speedrun: $(STAMP)
 	$(VENV)/bin/qwen2 speedrun $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q $(ARGS)

@@ -5,7 +5,7 @@ import transformers
 
 from qwen2.cli import main
 from qwen2.config import PRESETS, ModelConfig, kv_cache_bytes_per_token, param_counts
-from qwen2.cli.info import matches_published, published_counts
+from qwen2.config import matches_published, published_counts
 from qwen2.model import Qwen2
 
 import torch

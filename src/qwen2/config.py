@@ -86,11 +86,6 @@ class ModelConfig:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else [e] if isinstance(e, int) else list(e)
-
     # ---- checks -----------------------------------------------------------------------------
     def validate(self, source: str = "ModelConfig") -> None:
         """Type- and range-check every field; errors name the source, the field and the fix."""
@@ -128,6 +123,15 @@ class ModelConfig:
             factor = self.rope_scaling.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
                 raise ValueError(f"{source}: rope_scaling.factor must be a number >= 1, got {factor!r}")
+        if self.dual_chunk_attention_config is not None:
+            dca = self.dual_chunk_attention_config
+            c, w = dca.get("chunk_size"), dca.get("local_size")
+            if not (isinstance(c, int) and isinstance(w, int) and 0 <= w < c):
+                raise ValueError(f"{source}: dual_chunk_attention_config needs integers 0 <= local_size < chunk_size, "
+                                 f"got chunk_size={c!r}, local_size={w!r}")
+            if not isinstance(dca.get("original_max_position_embeddings", 0), int):
+                raise ValueError(f"{source}: dual_chunk_attention_config.original_max_position_embeddings must be an "
+                                 f"integer (0: no attention temperature)")
         if self.is_moe:
             if self.model_type != "qwen2_moe":
                 raise ValueError(f"{source}: num_experts > 0 needs model_type 'qwen2_moe'")
@@ -333,3 +337,32 @@ def param_counts(c: ModelConfig) -> ParamCounts:
 def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> int:
     """K and V for every layer: 2 * layers * kv_heads * head_dim * bytes."""
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
+
+
+# Counts in billions from SPEC.md 1.1: (total, non-embedding, active or None), as listed there
+# (the blog truncates some of them: 0.49/0.35, 1.54/1.31, 7.6/6.5, 72.71/70.21, 57.41/56.32).
+PUBLISHED = {
+    "Qwen2-0.5B": (0.494, 0.358, None),
+    "Qwen2-1.5B": (1.544, 1.310, None),
+    "Qwen2-7B": (7.616, 6.526, None),
+    "Qwen2-72B": (72.706, 70.215, None),
+    "Qwen2-57B-A14B": (57.41, 56.32, 14.25),
+}
+
+
+def published_counts(name: str):
+    """The published counts for a preset (Instruct and YaRN variants share their base model's)."""
+    return PUBLISHED.get(name.removeprefix("Qwen/").split("-Instruct")[0])
+
+
+def matches_published(config: ModelConfig, published) -> bool:
+    """True when our counts round to the published ones (same number of decimals as printed there)."""
+    c = param_counts(config)
+    ours = (c.total, c.non_embedding, c.active)
+    for value, ref in zip(ours, published):
+        if ref is None:
+            continue
+        decimals = 2 if ref == round(ref, 2) and ref > 10 else 3
+        if abs(value / 1e9 - ref) > 0.5 * 10**-decimals:
+            return False
+    return True

@@ -8,36 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen2.config import PRESETS, ModelConfig, kv_cache_bytes_per_token, param_counts
-
-# Counts in billions from SPEC.md 1.1: (total, non-embedding, active or None), as listed there
-# (the blog truncates some of them: 0.49/0.35, 1.54/1.31, 7.6/6.5, 72.71/70.21, 57.41/56.32).
-PUBLISHED = {
-    "Qwen2-0.5B": (0.494, 0.358, None),
-    "Qwen2-1.5B": (1.544, 1.310, None),
-    "Qwen2-7B": (7.616, 6.526, None),
-    "Qwen2-72B": (72.706, 70.215, None),
-    "Qwen2-57B-A14B": (57.41, 56.32, 14.25),
-}
-
-
-def published_counts(name: str):
-    """The published counts for a preset (Instruct and YaRN variants share their base model's)."""
-    return PUBLISHED.get(name.removeprefix("Qwen/").split("-Instruct")[0])
-
-
-def matches_published(config: ModelConfig, published) -> bool:
-    """True when our counts round to the published ones (same number of decimals as printed there)."""
-    c = param_counts(config)
-    ours = (c.total, c.non_embedding, c.active)
-    for value, ref in zip(ours, published):
-        if ref is None:
-            continue
-        decimals = 2 if ref == round(ref, 2) and ref > 10 else 3
-        if abs(value / 1e9 - ref) > 0.5 * 10**-decimals:
-            return False
-    return True
-
+from qwen2.config import PRESETS, ModelConfig, kv_cache_bytes_per_token, matches_published, param_counts, published_counts
 
 def _n(count: int) -> str:
     return f"{count:,} ({count / 1e9:.3f}B)" if count >= 1e8 else f"{count:,} ({count / 1e6:.2f}M)"
@@ -65,7 +36,8 @@ def info(path_or_preset: str) -> str:
         f"  parameters: total {_n(c.total)}, non-embedding {_n(c.non_embedding)}"
         + (f", active per token {_n(c.active)}" if config.is_moe else ""),
         f"  KV cache per token: {kv_cache_bytes_per_token(config, 2):,} bytes in bf16 "
-        f"({kv_cache_bytes_per_token(config, 2) * 32768 / 2**30:.2f} GiB for 32,768 tokens)",
+        f"({kv_cache_bytes_per_token(config, 2) * 32768 / 2**30:.2f} GiB for 32,768 tokens, "
+        f"{kv_cache_bytes_per_token(config, 2) * 131072 / 2**30:.2f} GiB for 131,072)",
     ]
     published = published_counts(name)
     if published:
