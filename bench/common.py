@@ -1,11 +1,16 @@
-"""Shared helpers for the benchmarks: timing with warm-up, and random models at real shapes."""
+"""Shared helpers for the benchmarks: timing with warm-up, a table printer, and transformers twins of
+our models (hf_twin, from tests/hf_reference.py: the one transformers-reference helper of tests and
+benchmarks)."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hf_reference import hf_twin  # noqa: E402, F401 (bench scripts import it from here)
 
 
 def timeit(fn, *, warmup: int = 1, repeat: int = 3) -> float:
@@ -26,17 +31,3 @@ def table(rows: list[dict], columns: list[str]) -> str:
     out = [line, "-|-".join("-" * widths[c] for c in columns)]
     out += [" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(out)
-
-
-def hf_twin(model, attn="sdpa"):
-    """transformers' model with exactly our weights (the reference in the same run)."""
-    import transformers
-
-    config = model.config
-    cls = transformers.Qwen2MoeForCausalLM if config.is_moe else transformers.Qwen2ForCausalLM
-    hc = (transformers.Qwen2MoeConfig if config.is_moe else transformers.Qwen2Config)(**config.to_dict())
-    hc._attn_implementation = attn
-    dtype = next(model.parameters()).dtype
-    hf = cls(hc).to(dtype)
-    hf.load_state_dict(model.state_dict(), strict=not config.tie_word_embeddings)
-    return hf.eval()

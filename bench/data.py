@@ -32,7 +32,7 @@ def reference_batches(tokens: np.ndarray, seq_len: int, batch: int, n: int, seed
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+    p.add_argument("--tokenizer", default="Qwen2", help="a tokenizer folder, or Qwen2 (built in)")
     p.add_argument("--corpus", default=None, help="a folder or file (default: the Python standard library)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
 
+from qwen2.kernels import install  # noqa: E402
 from qwen2.kernels import ops as cpu_kernels  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generation import KVCache, generate, prefill  # noqa: E402
@@ -110,10 +111,10 @@ def speed_rows(args) -> list[dict]:
     found, ours_bf16, bw = [], None, 0.0
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        model = build_model(config, dtype=dtype).eval()
+        model = install(build_model(config, dtype=dtype).eval())  # the kernels, as load_model gives them
         sides = {name: (model, False), f"{name} transformers": (hf_twin(model), True)}
         if dtype == torch.bfloat16:
-            sides.update({f"int{bits} (bf16 act.)": (quantize_model(copy.deepcopy(model), bits=bits), False)
+            sides.update({f"int{bits} (bf16 act.)": (install(quantize_model(copy.deepcopy(model), bits=bits)), False)
                           for bits in (8, 4)})
         best = {k: (0.0, 0.0) for k in sides}
         for r in range(args.rounds):  # the sides take turns, and each keeps its best round: noise hits all alike
@@ -253,7 +254,7 @@ def perplexity(model, ids: torch.Tensor, seq: int = 256, batch: int = 8) -> floa
 
 
 def ppl_rows(args) -> list[dict]:
-    train, held, vocab = stdlib_ids(ROOT.parent / "shared/fixtures/qwen2-tokenizer", 300_000 if args.quick else 2_000_000)
+    train, held, vocab = stdlib_ids("Qwen2", 300_000 if args.quick else 2_000_000)
     print(f"perplexity: training a small Qwen2 on {len(train)} stdlib tokens ({vocab} distinct ids), "
           f"{len(held)} held out", flush=True)
     model = trained_model(train, vocab, args.steps)

@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
 
 from qwen2.config import ModelConfig  # noqa: E402
-from qwen2.model import build_model  # noqa: E402
-from qwen2.model import SparseMoeBlock  # noqa: E402
+from qwen2.kernels import install  # noqa: E402
+from qwen2.model import SparseMoeBlock, build_model  # noqa: E402
 
 
 def bench_prefill(tokens: int, repeat: int) -> list[dict]:
     rows = []
     config = ModelConfig.preset("Qwen2-0.5B")
     for dtype in (torch.float32, torch.bfloat16):
-        model = build_model(config, dtype=dtype).eval()
+        model = install(build_model(config, dtype=dtype).eval())  # the kernels, as load_model gives them
         hf = hf_twin(model)
         x = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():  # the sides take turns, each keeping its best: load and order hit both alike
@@ -53,7 +53,7 @@ def moe_pair(dtype, experts_impl: str):
     hf = Qwen2MoeSparseMoeBlock(hc)
     for p in hf.parameters():
         torch.nn.init.normal_(p, 0, 0.02)
-    ours = SparseMoeBlock(config)
+    ours = install(SparseMoeBlock(config))  # the decode kernels for the chosen experts, as in a loaded model
     sd, inter = hf.state_dict(), config.moe_intermediate_size
     mine = {k: v for k, v in sd.items() if not k.startswith("experts.")}
     for e in range(config.num_experts):  # transformers 5 fuses the experts in memory; the files keep them apart

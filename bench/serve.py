@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +36,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from qwen2.checkpoint import save_model  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generation import generate  # noqa: E402
+from qwen2.kernels import install  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.tokenizer.bpe import load_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import load_tokenizer, save_tokenizer  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -110,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="Qwen2-0.5B")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+    ap.add_argument("--tokenizer", default="Qwen2", help="a tokenizer folder, or Qwen2 (built in)")
     ap.add_argument("--levels", default="1,4,16,64", help="concurrent clients per run")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -134,7 +133,7 @@ def main() -> None:
     if config.vocab_size < len(tok):
         config = config.replace(vocab_size=151936)
     torch.manual_seed(0)
-    model = build_model(config, dtype=dtype, seed=0).eval()
+    model = install(build_model(config, dtype=dtype, seed=0).eval())  # the kernels, as load_model gives them
     n_req = max(max(levels), a.min_requests)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, tok.n_regular, (a.prompt_len,), generator=g).tolist() for _ in range(n_req)]
@@ -153,9 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench"
         save_model(model, ckpt)
-        for f in Path(a.tokenizer).iterdir():
-            if f.suffix in (".json", ".txt", ".tiktoken"):
-                shutil.copy(f, ckpt / f.name)
+        save_tokenizer(tok, ckpt)
         port = free_port()
         cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--port", str(port),
                "--served-model-name", "bench", "--max-num-seqs", str(max(levels)),

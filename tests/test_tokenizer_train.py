@@ -8,12 +8,13 @@ import unicodedata
 
 import pytest
 from hypothesis import given, settings
-from test_tokenizer import TEXT, _load_hf
 
-from qwen2.tokenizer.chat import QWEN2_CHAT_TEMPLATE, render_chat
+from hf_reference import hf_tokenizer
 from qwen2.cli import main
-from qwen2.tokenizer.bpe import _read_tiktoken, bytes_to_unicode, load_tokenizer
-from qwen2.tokenizer.train import derive_merges, train_tokenizer
+from qwen2.tokenizer.bpe import derive_merges, load_tokenizer
+from qwen2.tokenizer.chat import QWEN2_CHAT_TEMPLATE, render_chat
+from qwen2.tokenizer.train import train_tokenizer
+from texts import TEXT
 
 VOCAB = 1200
 
@@ -38,7 +39,8 @@ def trained(tmp_path_factory):
 
 def test_written_files_and_control_tokens(trained):
     out, tok = trained
-    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "vocab.json", "merges.txt",
+                                              "tokenizer_config.json", "qwen.tiktoken"}
     assert len(tok) == VOCAB and tok.n_regular == VOCAB - 3
     assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (VOCAB - 3, VOCAB - 2, VOCAB - 1)
     assert tok.chat_template == QWEN2_CHAT_TEMPLATE
@@ -49,7 +51,7 @@ def test_written_files_and_control_tokens(trained):
 
 def test_loads_in_transformers_with_same_ids(trained):
     out, tok = trained
-    hf = _load_hf(out)
+    hf = hf_tokenizer(out)
     assert len(hf) == len(tok)
     held_out = [open(f, encoding="utf-8").read() for f in _corpus_files()[30:]]
     for text in [*held_out, "你好 <|im_end|> e\u0301 👩\u200d💻 3.14159\r\n\tdone"]:
@@ -63,7 +65,7 @@ def test_loads_in_transformers_with_same_ids(trained):
 def test_trained_round_trip_and_parity(trained, text):
     out, tok = trained
     assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
-    assert tok.encode(text) == _load_hf(out).encode(text, add_special_tokens=False)
+    assert tok.encode(text) == hf_tokenizer(out).encode(text, add_special_tokens=False)
 
 
 def test_vocab_and_merges_files_agree(trained, tmp_path):
@@ -73,17 +75,6 @@ def test_vocab_and_merges_files_agree(trained, tmp_path):
     other = load_tokenizer(tmp_path)
     text = open(_corpus_files()[-1], encoding="utf-8").read()
     assert other.encode(text) == tok.encode(text) and other.control_tokens == tok.control_tokens
-
-
-def test_derive_merges_reproduces_qwen_files(tokenizer_dir):
-    # Qwen's merges.txt is derived from qwen.tiktoken by replaying BPE with lower ranks; so is ours.
-    ranks = _read_tiktoken(tokenizer_dir / "qwen.tiktoken")
-    kept, merges = derive_merges(ranks)
-    assert kept == ranks
-    u = bytes_to_unicode()
-    text = lambda b: "".join(u[x] for x in b)  # noqa: E731
-    lines = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-    assert lines == [f"{text(a)} {text(b)}" for a, b in merges]
 
 
 def test_derive_merges_drops_unbuildable_tokens():
@@ -96,8 +87,10 @@ def test_derive_merges_drops_unbuildable_tokens():
 def test_cli(tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text(open(_corpus_files()[0], encoding="utf-8").read())
-    assert main(["tokenizer", "train", "--input", str(src), "--vocab-size", "400", "--out", str(tmp_path / "t")]) == 0
+    train = lambda src, size, out: main(["tokenizer", "train", "--input", str(src),  # noqa: E731
+                                         "--vocab-size", str(size), "--out", str(tmp_path / out)])
+    assert train(src, 400, "t") == 0
     assert len(load_tokenizer(tmp_path / "t")) <= 400
-    assert main(["tokenizer", "train", "--input", str(src), "--vocab-size", "100", "--out", str(tmp_path / "u")]) == 2
+    assert train(src, 100, "u") == 2
     assert "vocab-size" in capsys.readouterr().err
-    assert main(["tokenizer", "train", "--input", str(tmp_path / "missing"), "--vocab-size", "400", "--out", str(tmp_path / "v")]) == 2
+    assert train(tmp_path / "missing", 400, "v") == 2

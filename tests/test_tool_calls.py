@@ -7,10 +7,10 @@ import unicodedata
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tokenizer import _load_hf, hf_tok, tok  # noqa: F401 (fixtures)
 
-from qwen2.tokenizer.chat import apply_chat_template, encode_chat, render_chat
+from hf_reference import hf_tokenizer
 from qwen2.tokenizer.bpe import load_tokenizer
+from qwen2.tokenizer.chat import apply_chat_template, encode_chat, render_chat
 from qwen2.tokenizer.tools import ToolCall, ToolCallParseError, parse_tool_calls
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -132,7 +132,7 @@ def qwen25(tokenizer_dir, tmp_path_factory):
     }
     config["chat_template"] = QWEN25_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return load_tokenizer(out), _load_hf(out)
+    return load_tokenizer(out), hf_tokenizer(out)
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)

@@ -9,12 +9,16 @@ pickle (`pytorch_model.bin`) is refused, never unpickled.
 Saving writes each file under a temporary name, fsyncs it, then renames it: shards, then
 config.json, then the index. Saving into a fresh folder (as the training loop does, renaming the
 folder when complete) is atomic as a whole; overwriting a checkpoint in place is atomic per file.
+
+A checkpoint's side files (tokenizer files, chat template, generation defaults) are one list,
+SIDE_FILES, copied by copy_side_files wherever a checkpoint is derived from another (export, quantize).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -27,6 +31,11 @@ from qwen2.model import Qwen2
 from qwen2.quantize import apply_quantization
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+# Everything of a Hugging Face checkpoint folder that is neither weights nor config.json: the tokenizer in
+# each of its layouts (tokenizer.json; vocab.json + merges.txt; qwen.tiktoken), its config and extra
+# tokens, the chat template newer transformers save beside the config, and the sampling defaults.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
+              "added_tokens.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -229,3 +238,17 @@ def save_model(model: Qwen2, path: str | os.PathLike, max_shard_size: int | str 
     for stale in old - written:
         (directory / stale).unlink(missing_ok=True)
     return directory
+
+
+def copy_side_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy each of SIDE_FILES that `src_dir` has into `dst_dir` (each to a temporary name, then renamed);
+    returns the names copied, in SIDE_FILES order."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SIDE_FILES:
+        if (src_dir / name).is_file():
+            with atomic_path(dst_dir / name) as tmp:
+                shutil.copyfile(src_dir / name, tmp)
+            copied.append(name)
+    return copied

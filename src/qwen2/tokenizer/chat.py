@@ -28,7 +28,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from qwen2.tokenizer.bpe import IM_END, IM_START, Tokenizer
+from qwen2.tokenizer.bpe import IM_END, IM_START, QWEN2_CHAT_TEMPLATE, Tokenizer  # noqa: F401 (re-exported)
 from qwen2.tokenizer.tools import (
     FN_EXIT,
     FN_NAME,
@@ -43,12 +43,6 @@ from qwen2.tokenizer.tools import (
 )
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 ROLES = ("system", "user", "assistant", "tool")
 _CJK = re.compile("[\u4e00-\u9fff]")
 
