@@ -49,7 +49,8 @@ def setup(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(1)
-    write_shards([rng.integers(1, 512, rng.integers(5, 80)).tolist() for _ in range(100)], data, meta={"endoftext_id": 0})
+    docs = [rng.integers(1, 512, rng.integers(5, 80)).tolist() for _ in range(100)]
+    write_shards(docs, data, meta={"endoftext_id": 0})
     single = tmp_path_factory.mktemp("single")
     _launch(single, data, "ddp", 1)
     return data, single

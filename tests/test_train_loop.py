@@ -20,7 +20,7 @@ def _batch(rows=8, t=16, seed=0, vocab=256):
 def _trainer(tmp_path, dtype=torch.float32, **cfg):
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("tiny"), seed=0, dtype=dtype)
-    return Trainer(model, TrainConfig(warmup_steps=0, lr=1e-2, **cfg), tmp_path)
+    return Trainer(model, TrainConfig(**{"warmup_steps": 0, "lr": 1e-2, **cfg}), tmp_path)
 
 
 def _params(trainer):
@@ -50,11 +50,12 @@ def test_clipping_scales_the_global_norm_to_the_limit(tmp_path):
         grads = [p.grad.clone() for p in t.model.parameters()]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         assert t._clip() == pytest.approx(float(norm), rel=1e-5)  # reports the norm before clipping
-        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in t.model.parameters()]))
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                      for p in t.model.parameters()]))
         if clip:
             assert norm > clip and float(after) == pytest.approx(clip, rel=1e-4)
         else:  # 0 disables clipping
-            assert all(torch.equal(p.grad, g) for p, g in zip(t.model.parameters(), grads))
+            assert all(torch.equal(p.grad, g) for p, g in zip(t.model.parameters(), grads, strict=True))
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_matches_fp32_closely(tmp_path):
@@ -71,7 +72,8 @@ def test_activation_checkpointing_recomputes_layers_and_gives_the_same_step(tmp_
     plain, ckpt = _trainer(tmp_path / "a"), _trainer(tmp_path / "b", activation_checkpointing=True)
     calls = {"plain": 0, "ckpt": 0}
     for key, t in (("plain", plain), ("ckpt", ckpt)):
-        t.model.model.layers[0].self_attn.register_forward_hook(lambda *a, k=key: calls.__setitem__(k, calls[k] + 1))
+        t.model.model.layers[0].self_attn.register_forward_hook(
+            lambda *a, k=key: calls.__setitem__(k, calls[k] + 1))
     b = _batch()
     m1, m2 = plain.train_step(next_token_loss, [b], 10), ckpt.train_step(next_token_loss, [b], 10)
     assert calls == {"plain": 1, "ckpt": 2}  # the checkpointed layer ran again in backward
@@ -167,3 +169,47 @@ def test_time_budget_fixes_the_plan_then_ends_the_stage_at_the_deadline(monkeypa
     clock[0] += 90.0  # the machine slowed down: past the deadline the stage ends now
     T.step += 1
     assert budget(T, {}) is False and T.meta["plan"]["pretrain"] == T.step
+
+
+def test_state_dict_round_trip_resumes_with_identical_next_step_losses(tmp_path):
+    import copy
+
+    a = _trainer(tmp_path / "a", warmup_steps=2)
+    for step in range(3):
+        a.train_step(next_token_loss, [_batch(seed=step)], 10)
+    a.meta["plan"] = {"train": 10}
+    state = copy.deepcopy(a.state_dict())  # a goes on training in place; the saved state must not follow
+    draws = torch.rand(4)  # the RNG right after the save
+    ahead = [a.train_step(next_token_loss, [_batch(seed=s)], 10) for s in (3, 4)]
+    torch.manual_seed(123)
+    other = build_model(ModelConfig.preset("tiny"), seed=7)  # other weights: all of them must be restored
+    b = Trainer(other, TrainConfig(warmup_steps=2, lr=1e-2), tmp_path / "b")
+    plan = b.meta
+    b.load_state_dict(state)
+    assert torch.equal(torch.rand(4), draws)  # the RNG is restored
+    assert (b.step, b.stage, b.stage_start, plan) == (3, "train", 0, {"plan": {"train": 10}})
+    again = [b.train_step(next_token_loss, [_batch(seed=s)], 10) for s in (3, 4)]
+    # the first step checks model and schedule, the second the optimizer's moments after the first
+    assert [m["loss"] for m in again] == [m["loss"] for m in ahead]
+    assert [m["lr"] for m in again] == [m["lr"] for m in ahead]
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_begin_stage_restarts_the_schedule_and_keeps_what_the_trainer_was_built_with(tmp_path):
+    t = _trainer(tmp_path, warmup_steps=2)
+    for step in range(3):
+        t.train_step(next_token_loss, [_batch(seed=step)], 10)
+    moments = {id(p): s["exp_avg"].clone() for p, s in t.optimizer.state.items()}
+    t.begin_stage("long", TrainConfig(lr=1e-3, warmup_steps=4, weight_decay=0.0, beta2=0.99))
+    assert (t.stage, t.stage_start, t.step) == ("long", 3, 3)
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.0 and groups["decay"]["betas"] == (0.9, 0.99)
+    # the moments carry over into the new stage
+    assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in t.optimizer.state.items())
+    m = t.train_step(next_token_loss, [_batch(seed=3)], 10)
+    assert m["lr"] == pytest.approx(1e-3 / 4)  # the new stage's warmup, from its first step
+    with pytest.raises(ValueError, match="parallel is fixed"):
+        t.begin_stage("sft", TrainConfig(parallel="fsdp"))
+    with pytest.raises(ValueError, match="stage 'sft': schedule"):
+        t.begin_stage("sft", TrainConfig(schedule="step"))

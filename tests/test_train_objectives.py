@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from qwen2.config import ModelConfig
 from qwen2.model import build_model
 from qwen2.train.loop import TrainConfig, lr_at, param_groups
-from qwen2.train.objectives import IGNORE_INDEX, linear_cross_entropy, next_token_loss, split_batch, token_losses
+from qwen2.train.objectives import (
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    next_token_loss,
+    split_batch,
+    token_losses,
+)
 
 
 def _inputs(n=37, h=24, v=101, seed=0):
@@ -131,8 +137,9 @@ def test_adamw_decoupled_decay_leaves_no_decay_group_untouched_without_gradient(
 def test_schedule_warmup_then_cosine_to_floor():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg, 110) for s in range(110)]
-    assert lrs[9] == 1.0 and all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup to the peak
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
+    # linear warmup to the peak
+    assert lrs[9] == 1.0 and all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then non-increasing
     assert math.isclose(lr_at(60, cfg, 110), 0.55)  # halfway down the cosine: (peak + floor) / 2
     assert math.isclose(lr_at(110, cfg, 110), 0.1)
     lin = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="linear")

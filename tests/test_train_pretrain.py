@@ -22,7 +22,8 @@ def _write_corpus(root, n_files=40, seed=0):
         lines = []
         for j in range(rng.randint(8, 30) * (12 if i % 8 == 0 else 1)):
             name = rng.choice(WORDS)
-            lines.append(f"def {name}_{j}(x, y):\n    return x + {j} * y  # {' '.join(rng.choices(WORDS, k=8))}\n")
+            comment = " ".join(rng.choices(WORDS, k=8))
+            lines.append(f"def {name}_{j}(x, y):\n    return x + {j} * y  # {comment}\n")
         (root / f"f{i}.py").write_text("\n".join(lines))
     return root
 
@@ -65,8 +66,9 @@ def _records(run_dir):
 
 def test_both_stages_run_and_every_output_is_written(run):
     run_dir, _ = run
-    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json",
-                 "report.md", "report.json", "loss.png", "long_context.png", "summary.json", "metrics.jsonl"):
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                 "model/tokenizer_config.json", "report.md", "report.json", "loss.png", "long_context.png",
+                 "summary.json", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
     steps = {(r["stage"], r["step"]) for r in _records(run_dir) if "loss" in r}
     assert steps == {("pretrain", s) for s in range(1, 5)} | {("long", s) for s in range(5, 8)}
@@ -92,7 +94,8 @@ def test_exported_model_loads_and_its_logits_equal_transformers(run):
     assert ours.model.layers[0].self_attn.q_proj.bias is not None
     tok = load_tokenizer(model_dir)
     ids = torch.tensor([tok.encode("def value(x, y):\n    return x + y")])
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -123,7 +126,8 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(run, capsys):
     assert main(["pretrain", "--config", str(recipe)]) == 0
     assert "holds a finished run" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before
-    again = json.loads((run_dir / "report.json").read_text())  # the run's own wall time and peak, not the rerun's
+    # the run's own wall time and peak, not the rerun's
+    again = json.loads((run_dir / "report.json").read_text())
     for key in ("wall_seconds", "peak_flops", "mfu"):
         assert again[key] == report[key], key
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
@@ -158,7 +162,8 @@ def test_speedrun_on_a_tiny_corpus_and_budget(tmp_path, capsys):
     torch.set_num_threads(1)
     assert main(["speedrun", "--minutes", "0.4", "--corpus", str(corpus), "--out", str(tmp_path / "sr")]) == 0
     out = capsys.readouterr().out
-    assert f"--model {tmp_path / 'sr' / 'model'}" in out  # the hint names the model when it is not the default
+    # the hint names the model when it is not the default
+    assert f"--model {tmp_path / 'sr' / 'model'}" in out
     report = json.loads((tmp_path / "sr" / "report.json").read_text())
     stages = {r["stage"] for r in _records(tmp_path / "sr") if "loss" in r}
     assert stages == {"pretrain", "long"} and set(report["steps"]) == {"pretrain", "long"}
@@ -174,3 +179,37 @@ def test_missing_plot_dependency_is_reported_before_training(tmp_path, monkeypat
     assert main(["speedrun", "--minutes", "1", "--out", str(tmp_path / "sr")]) == 2
     assert "pip install 'qwen2[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "sr").exists()
+
+
+def test_a_flat_recipe_sets_train_config_and_pretrain_fields_alike(tmp_path):
+    from qwen2.train.loop import TrainConfig
+    from qwen2.train.recipes import PretrainConfig, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    # lr and beta2 are TrainConfig's, long_lr and seq_len PretrainConfig's own; YAML 1.1 reads 1e-3 as a str
+    recipe.write_text("recipe: speedrun\nlr: 1e-3\nbeta2: 0.99\nlong_lr: 2.0e-4\nseq_len: 64\nsteps: 7\n")
+    cfg = load_recipe(recipe)
+    assert isinstance(cfg, TrainConfig) and type(cfg) is PretrainConfig
+    assert (cfg.lr, cfg.beta2, cfg.long_lr, cfg.seq_len, cfg.steps) == (1e-3, 0.99, 2e-4, 64, 7)
+    stage1, long = cfg.train_config("pretrain"), cfg.train_config("long")
+    assert type(stage1) is TrainConfig and (stage1.lr, stage1.beta2) == (1e-3, 0.99)
+    assert (long.lr, long.beta2, long.batch_size) == (2e-4, 0.99, cfg.long_batch_size)
+    assert cfg.minutes == 30.0  # the rest is the speedrun recipe's
+
+
+def test_unknown_or_mistyped_recipe_keys_are_one_line_errors_naming_the_key(tmp_path):
+    from qwen2.train.recipes import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("warmup_step: 3\n")
+    with pytest.raises(ValueError) as e:
+        load_recipe(recipe)
+    msg = str(e.value)
+    assert "\n" not in msg and str(recipe) in msg
+    assert "unknown field 'warmup_step'" in msg and "did you mean 'warmup_steps'?" in msg
+    recipe.write_text("batch_size: two\n")
+    with pytest.raises(ValueError, match="field 'batch_size' must be int, got 'two'"):
+        load_recipe(recipe)
+    recipe.write_text("long_mix: 1.5\n")
+    with pytest.raises(ValueError, match="long_mix must be in"):
+        load_recipe(recipe)

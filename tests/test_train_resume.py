@@ -1,7 +1,8 @@
 """Fault tolerance: a run SIGKILLed at any moment (also in the middle of a checkpoint save) resumes and
 its loss curve continues bit-identically to the run that was never interrupted (CPU, fp32).
 
-The training runs in subprocesses (this file is also the worker: `python test_train_resume.py RUN DATA STEPS`).
+The training runs in subprocesses (this file is also the worker:
+`python test_train_resume.py RUN DATA STEPS`).
 Kills are real SIGKILLs: from the parent at a random moment, or by the worker to itself at a chosen
 point inside `state.py`'s save (mid-write, or all written but not yet renamed).
 """
@@ -73,7 +74,7 @@ def test_sigkill_during_saves_and_at_random_moments_resumes_bit_identically(tmp_
     from qwen2.train.state import checkpoint_root, list_checkpoints
 
     run = tmp_path / "run"
-    # 1. killed in the middle of writing the 2nd checkpoint (its optimizer file): a partial .tmp folder is left
+    # 1. killed in the middle of writing the 2nd checkpoint (its optimizer file): a partial .tmp folder stays
     assert _run(run, data_dir, kill_at="_write_state:3") == -signal.SIGKILL
     leftovers = [p.name for p in checkpoint_root(run).iterdir()]
     assert any(n.startswith(".tmp-") for n in leftovers), leftovers
@@ -131,7 +132,8 @@ def test_resume_refuses_another_world_size_and_ignores_partial_folders(tmp_path,
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(ValueError, match="world_size 2"):
         load_checkpoint(trainer, None, newest)
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # untouched
+    # untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
 
 
 def _worker(run_dir: str, data_dir: str, steps: int):
@@ -168,8 +170,11 @@ def _worker(run_dir: str, data_dir: str, steps: int):
     ckpt = state.latest_checkpoint(run_dir)
     if ckpt is not None:
         state.load_checkpoint(trainer, loader, ckpt)
-    trainer.fit(next_token_loss, loader, end_step=steps,
-                eval_batches=lambda: [b for _, b in zip(range(2), PackedLoader(val, 32, 4, seed=0, shuffle=False))])
+    def eval_batches():
+        held_out = PackedLoader(val, 32, 4, seed=0, shuffle=False)
+        return [next(held_out) for _ in range(2)]
+
+    trainer.fit(next_token_loss, loader, end_step=steps, eval_batches=eval_batches)
 
 
 if __name__ == "__main__":

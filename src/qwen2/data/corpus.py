@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from qwen2.extras import require
+
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
 DATA_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git", ".hg", ".svn", "node_modules"}
@@ -164,13 +166,7 @@ def read_jsonl(path: Path, text_field: str = "text") -> Iterator[Doc]:
 
 def read_parquet(path: Path, text_field: str = "text", batch_rows: int = 4096) -> Iterator[Doc]:
     """One doc per row of column `text_field`, read in record batches (needs pyarrow)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(
-            f"{path}: reading parquet needs pyarrow; install it with `pip install 'qwen2[data]'` "
-            "(or `pip install pyarrow`), or convert the file to JSONL"
-        ) from None
+    pq = require("pyarrow.parquet", "data", f"{path}: reading parquet")  # the data extra; JSONL needs nothing
     f = pq.ParquetFile(path)
     if text_field not in f.schema_arrow.names:
         raise ValueError(f"{path}: no column {text_field!r}; columns are {f.schema_arrow.names} (set Source(text_field=...))")

@@ -4,31 +4,37 @@ AdamW with decoupled weight decay (Loshchilov & Hutter) and no decay on norms, b
 embedding; linear warmup then cosine (or linear / constant) decay to `min_lr_ratio` of the peak;
 gradient accumulation; global-norm clipping; optional bf16 autocast and activation checkpointing;
 periodic evaluation on held-out batches; metrics to JSONL (+ TensorBoard when installed) and tqdm.
-Scale-out with torchrun: DDP or FSDP2 (`fully_shard`), gloo on CPU and NCCL on GPU, same code path.
+Scale-out with torchrun (DDP or FSDP2, gloo on CPU and NCCL on GPU, same code path) is wired in
+parallel.py; checkpoints on disk are state.py's, through `Trainer.state_dict` / `load_state_dict`.
 
 The paper gives no optimiser hyper-parameters (SPEC 1.1); the defaults are the common AdamW choices
-(betas 0.9/0.95, eps 1e-8, decay 0.1, clip 1.0). The learning rate is a pure function of the step,
-so a checkpoint needs only the step to restore the schedule.
+(betas 0.9/0.95, eps 1e-8, decay 0.1, clip 1.0). The learning rate is a pure function of the step
+within the stage, so a checkpoint needs only the step and the stage's first step to restore it.
 
-    trainer = Trainer(model, TrainConfig(...), run_dir)
-    trainer.resume(loader)                       # newest complete checkpoint, if any
+    trainer = Trainer(model, TrainConfig(...), run_dir, stage="pretrain")
+    if (ckpt := latest_checkpoint(run_dir)):     # state.py: the newest complete checkpoint
+        load_checkpoint(trainer, loader, ckpt)
     trainer.fit(next_token_loss, loader, end_step=1000)
+    trainer.begin_stage("long", TrainConfig(...))  # a new schedule from the current step on
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from qwen2.extras import MissingExtra, require
+from qwen2.train import parallel
+from qwen2.train.state import rng_state, save_checkpoint, set_rng_state
 
 
 @dataclass
@@ -92,74 +98,30 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-# ---- distributed ---------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    NCCL with one GPU per local rank when CUDA is present, else gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return rank, world, device
-
-
-class ObjectiveModule(nn.Module):
-    """model + objective as one module, so DDP / FSDP2 see the whole step in their forward hooks."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.net = model
-        self.objective = None
-
-    def forward(self, batch):
-        return self.objective(self.net, batch)
-
-
-def _checkpoint_layers(model: nn.Module) -> None:
-    """Activation checkpointing from outside the model: each decoder layer recomputes in backward."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def parallelize(module: ObjectiveModule, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
-    if cfg.activation_checkpointing:
-        _checkpoint_layers(module.net)
-    if world == 1:
-        return module
-    if cfg.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard  # FSDP2: per-parameter DTensor sharding
-
-    for layer in module.net.model.layers:
-        fully_shard(layer)
-    fully_shard(module)
-    return module
-
-
 # ---- the trainer -------------------------------------------------------------------------------
+# Settings fixed when the Trainer is built (they wrap or rewrite modules); a stage may change the rest.
+STRUCTURAL = ("activation_checkpointing", "parallel")
+
+
 class Trainer:
     """Holds the model, its parallel wrapper, the optimizer, the global step and the metrics files.
 
-    `fit` runs one stage (an objective and a loader up to a global step); stages share the optimizer
-    (the long-context stage continues pre-training). Checkpoints are written by `state.py`.
+    `fit` runs one stage (an objective and a loader up to a global step); `begin_stage` starts the
+    next one (its settings, a schedule from the current step) and the stages share the optimizer (the
+    long-context stage continues pre-training). `meta` is the caller's (the orchestrator's plan):
+    kept in checkpoints, restored in place. Checkpoints are written by `state.py`.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *, stage: str = "train"):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *,
+                 stage: str = "train"):
         cfg.validate()
         self.cfg, self.run_dir, self.stage = cfg, Path(run_dir), stage
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = parallel.init_distributed()
         self.model = model.to(self.device)
-        self.module = ObjectiveModule(self.model)
-        self.wrapped = parallelize(self.module, cfg, self.world, self.device)
+        self.module = parallel.ObjectiveModule(self.model)
+        self.wrapped = parallel.parallelize(self.module, parallel=cfg.parallel, world=self.world,
+                                            activation_checkpointing=cfg.activation_checkpointing,
+                                            device=self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
         self.step = 0  # optimizer steps done, counted across stages
@@ -173,6 +135,48 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # -- stages and state --
+    def begin_stage(self, stage: str, cfg: TrainConfig) -> None:
+        """Start stage `stage` at the current step: its settings, its schedule (warmup and decay
+        counted from here), its optimizer hyper-parameters. Optimizer moments carry over."""
+        cfg.validate(f"stage {stage!r}")
+        for name in STRUCTURAL:
+            if getattr(cfg, name) != getattr(self.cfg, name):
+                raise ValueError(f"stage {stage!r}: {name} is fixed when the Trainer is built "
+                                 f"({getattr(self.cfg, name)!r}); build a new Trainer to change it")
+        self.cfg, self.stage, self.stage_start = cfg, stage, self.step
+        for group in self.optimizer.param_groups:
+            group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            if group["name"] == "decay":
+                group["weight_decay"] = cfg.weight_decay
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides its loader: model and optimizer (full, unsharded,
+        on the CPU; collective under FSDP), this process's RNG states, the step, the stage and where
+        it began, the tokens seen, `meta` and the world size."""
+        model_sd, optim_sd = parallel.full_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd, "rng": rng_state(), "step": self.step,
+                "stage": self.stage, "stage_start": self.stage_start, "tokens": self.tokens,
+                "meta": copy.deepcopy(self.meta), "world_size": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The inverse of state_dict (the stage's settings come from `begin_stage`, not from here)."""
+        if state["world_size"] != self.world:
+            raise ValueError(f"saved with world_size {state['world_size']}, resumed with {self.world}; "
+                             f"resume with the same number of processes (the loader position is per rank)")
+        parallel.load_full_state_dict(self.model, self.optimizer, state["model"], state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step, self.stage, self.stage_start = state["step"], state["stage"], state["stage_start"]
+        self.tokens = state["tokens"]
+        meta = copy.deepcopy(state.get("meta", {}))
+        self.meta.clear()  # in place: a caller holding trainer.meta sees the restored plan
+        self.meta.update(meta)
+
+    def full_model(self) -> nn.Module | None:
+        """The trained model, unsharded, on rank 0 (None elsewhere). Collective under FSDP."""
+        sharded = self.world > 1 and self.cfg.parallel == "fsdp"
+        return parallel.gather_model(self.model, sharded=sharded, is_main=self.is_main)
 
     # -- metrics --
     def log(self, record: dict) -> None:
@@ -190,11 +194,13 @@ class Trainer:
     def _tensorboard(self):
         if self._tb is None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the train extra is optional: JSONL alone is complete
-                print("note: tensorboard is not installed (pip install 'qwen2[train]'); metrics go to metrics.jsonl only")
+                require("tensorboard", "train", "TensorBoard metrics")
+            except MissingExtra as e:  # the train extra is optional: JSONL alone is complete
+                print(f"note: {e}; metrics go to metrics.jsonl only")
                 self._tb = False
             else:
+                from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb or None
 
@@ -228,11 +234,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             batch = self._to_device(batch)
-            sync = i == n - 1
-            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
-            if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
-                self.wrapped.set_requires_gradient_sync(sync)
-            with ctx:
+            with parallel.grad_sync(self.wrapped, sync=i == n - 1):
                 with self._autocast():
                     loss, metrics = self.wrapped(batch)
                 (loss / n).backward()
@@ -242,27 +244,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = self._mean_over_ranks(sums)
+        out = parallel.mean_over_ranks(sums, self.world, self.device)
         out.update(lr=lr, grad_norm=grad_norm)
         return out
 
     def _clip(self) -> float:
+        """Clip the global gradient norm to cfg.grad_clip (0: no clipping); returns the norm before."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
-
-    def _mean_over_ranks(self, sums: dict) -> dict:
-        if not sums:
-            return {}
-        keys = sorted(sums)
-        vec = torch.stack([sums[k].reshape(()) for k in keys]).to(self.device)
-        if self.world > 1:
-            dist.all_reduce(vec)
-            vec /= self.world
-        return {k: float(v) for k, v in zip(keys, vec.cpu())}
+        return parallel.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
     @torch.no_grad()
     def evaluate(self, objective, batches) -> dict:
@@ -278,7 +268,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             n += 1
         self.model.train()
-        return {f"eval_{k}": v / max(n, 1) for k, v in self._mean_over_ranks(sums).items()}
+        means = parallel.mean_over_ranks(sums, self.world, self.device)
+        return {f"eval_{k}": v / max(n, 1) for k, v in means.items()}
 
     # -- a stage --
     def fit(self, objective, loader, *, end_step: int | None, eval_batches=None, on_step=None,
@@ -290,8 +281,6 @@ class Trainer:
         Checkpoints every cfg.ckpt_every steps and at the end."""
         from tqdm import tqdm
 
-        from qwen2.train.state import save_checkpoint
-
         if end_step is None and on_step is None:
             raise ValueError("Trainer.fit: end_step=None needs an on_step that fixes the end")
         cfg = self.cfg
@@ -299,8 +288,8 @@ class Trainer:
         end_step = open_end if end_step is None else end_step
         total = end_step - self.stage_start
         it = iter(loader)
-        bar = tqdm(total=None if end_step == open_end else end_step, initial=self.step, desc=desc or self.stage,
-                   disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(total=None if end_step == open_end else end_step, initial=self.step,
+                   desc=desc or self.stage, disable=not self.is_main, dynamic_ncols=True)
         last: dict = {}
         while self.step < end_step:
             t0 = time.perf_counter()
@@ -339,7 +328,3 @@ def _count_tokens(batch) -> int:
     from qwen2.train.objectives import split_batch
 
     return int(split_batch(batch)[1].numel())
-
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)

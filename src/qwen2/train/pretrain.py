@@ -2,10 +2,11 @@
 
 Paper section 3 / SPEC 1.1: pre-training at 4,096 tokens with RoPE base 10,000, then a final stage at
 32,768 tokens with base 1,000,000 on a mixture rich in long documents. Scaled down here (by default
-256 -> 1,024 tokens, the same base change). Between the stages only `config.rope_theta` changes (the
-model recomputes its rotary frequencies: `model._rope = None`) and the loader (longer rows, a
-mixture of documents at least `long_min_doc_tokens` long with the ordinary corpus); the optimizer
-carries on. Per-position held-out loss at the long length is measured after each stage
+256 -> 1,024 tokens, the same base change). Between the stages only the RoPE base changes
+(`Qwen2.set_rope_theta`: the config and the rotary tables), the loop's stage settings
+(`Trainer.begin_stage`: batch size, peak learning rate, a new warmup and decay) and the loader (longer
+rows, a mixture of documents at least `long_min_doc_tokens` long with the ordinary corpus); the
+optimizer carries on. Per-position held-out loss at the long length is measured after each stage
 (`long_context.json`) to show what the long stage buys.
 
 Runs with a fixed number of steps, or within a time budget (`minutes`, everything counted: tokenizer,
@@ -28,13 +29,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qwen2.train.loop import Trainer, init_distributed
+from qwen2.train.loop import Trainer
 from qwen2.train.objectives import next_token_loss, token_losses
+from qwen2.train.parallel import init_distributed
 from qwen2.train.recipes import PretrainConfig, model_config
-from qwen2.train.state import gather_model, latest_checkpoint, load_checkpoint, read_trainer_info
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "generation_config.json")
+from qwen2.train.state import latest_checkpoint, load_checkpoint, read_trainer_info
 
 
 def _barrier():
@@ -68,7 +67,8 @@ def _thin(files: list[Path], mb: float) -> list[Path]:
 
 
 def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> Path:
-    """An existing tokenizer folder, or a byte-level BPE trained on (a slice of) the corpus into run_dir/tokenizer."""
+    """An existing tokenizer folder, or a byte-level BPE trained on (a slice of) the corpus into
+    run_dir/tokenizer."""
     from qwen2.data.prepare import files_digest
 
     if cfg.tokenizer:
@@ -76,7 +76,8 @@ def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> 
     out, text = run_dir / "tokenizer", _thin(files, cfg.tokenizer_max_mb)
     made_from = {"files": len(text), "digest": files_digest(text), "vocab": cfg.tokenizer_vocab}
     stamp = run_dir / "tokenizer_source.json"  # what the cached tokenizer was trained on
-    if not (out / "tokenizer.json").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != made_from:
+    cached = (out / "tokenizer.json").is_file() and stamp.is_file()
+    if not cached or json.loads(stamp.read_text()) != made_from:
         from qwen2.tokenizer.train import train_tokenizer
 
         stamp.unlink(missing_ok=True)
@@ -86,8 +87,9 @@ def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> 
 
 
 # What a run writes besides its caches (tokenizer/, data/): removed by a fresh start (--no-resume).
-RUN_OUTPUTS = ("checkpoints", "model", "tensorboard", "metrics.jsonl", "summary.json", "long_context_before.json",
-               "long_context_after.json", "report.json", "report.md", "loss.png", "long_context.png")
+RUN_OUTPUTS = ("checkpoints", "model", "tensorboard", "metrics.jsonl", "summary.json",
+               "long_context_before.json", "long_context_after.json", "report.json", "report.md", "loss.png",
+               "long_context.png")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -115,8 +117,8 @@ def long_mixture(cfg: PretrainConfig, train):
 
     long_docs = train.select(min_tokens=cfg.long_min_doc_tokens)
     if len(long_docs) == 0:
-        raise ValueError(f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the long-context "
-                         f"stage; lower long_min_doc_tokens or add longer documents")
+        raise ValueError(f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the "
+                         f"long-context stage; lower long_min_doc_tokens or add longer documents")
     return Mixture({"long": long_docs, "all": train}, {"long": cfg.long_mix, "all": 1 - cfg.long_mix})
 
 
@@ -129,7 +131,8 @@ def per_position_loss(model, val, seq_len: int, rows: int = 32, bins: int = 32) 
     data = longest if len(longest) >= 1 else val
     batch = next(PackedLoader(data, seq_len, rows, seed=0, shuffle=False))["input_ids"]
     model.eval()
-    losses = token_losses(model, batch[:, :-1].to(model.output_weight.device), batch[:, 1:].to(model.output_weight.device))
+    batch = batch.to(model.output_weight.device)
+    losses = token_losses(model, batch[:, :-1], batch[:, 1:])
     model.train()
     per_pos = losses.mean(0).cpu()  # [T]
     width = seq_len // bins
@@ -137,12 +140,6 @@ def per_position_loss(model, val, seq_len: int, rows: int = 32, bins: int = 32) 
             "positions": [i * width + width // 2 for i in range(bins)],
             "loss": [float(per_pos[i * width:(i + 1) * width].mean()) for i in range(bins)],
             "mean": float(per_pos.mean())}
-
-
-def set_rope_theta(model, theta: float) -> None:
-    """The long-context stage's RoPE base: change the config, drop the cached frequencies."""
-    model.config = model.config.replace(rope_theta=float(theta))
-    model._rope = None
 
 
 class _Budget:
@@ -165,7 +162,8 @@ class _Budget:
             self.first = (trainer.step, now)
             return None
         done = trainer.step - self.first[0]
-        if self.key not in trainer.meta["plan"] and done >= self.calib and now - self.t0 >= 0.1 * self.seconds:
+        calibrated = done >= self.calib and now - self.t0 >= 0.1 * self.seconds
+        if self.key not in trainer.meta["plan"] and calibrated:
             per_step = (now - self.first[1]) / done
             return trainer.step + max(1, int(0.97 * (self.seconds - (now - self.t0)) / per_step))
         return None
@@ -214,20 +212,29 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     model = build_model(mcfg, device=device, seed=cfg.seed)
     trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
     loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
-    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank, world,
-                               seed=cfg.seed, spread=cfg.spread)
+    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank,
+                               world, seed=cfg.seed, spread=cfg.spread)
+
+    def begin_long_stage():
+        """RoPE base 10^4 -> 10^6 on the plain Qwen2 (trainer.model: under DDP / FSDP2 the wrappers
+        hold it; its rotary tables are not parameters, so nothing is re-sharded), then the stage."""
+        trainer.model.set_rope_theta(cfg.long_rope_theta)
+        trainer.begin_stage("long", cfg.train_config("long"))
+
     ckpt = latest_checkpoint(run_dir) if resume else None
     info = read_trainer_info(ckpt) if ckpt else {"stage": "pretrain", "step": 0, "meta": {}}
     stage, plan = info["stage"], info.get("meta", {}).get("plan", {})
-    if stage == "long" and info["step"] >= plan.get("long", float("inf")) and (run_dir / "summary.json").is_file():
+    finished = stage == "long" and info["step"] >= plan.get("long", float("inf"))
+    if finished and (run_dir / "summary.json").is_file():
         if rank == 0:
             print(f"{run_dir} holds a finished run (step {info['step']}): writing its report again; "
                   f"pass --no-resume (or another --out) to train from scratch")
         trainer.close()
-        return {**json.loads((run_dir / "summary.json").read_text()), "finished_before": True} if rank == 0 else {}
-    if stage == "long":
-        set_rope_theta(model, cfg.long_rope_theta)
-        trainer.cfg = cfg.train_config("long")
+        if rank:
+            return {}
+        return {**json.loads((run_dir / "summary.json").read_text()), "finished_before": True}
+    if stage == "long":  # its settings now; the step, its start and the optimizer come from the checkpoint
+        begin_long_stage()
     if ckpt is not None:
         load_checkpoint(trainer, long_loader if stage == "long" else loader, ckpt)
         if rank == 0:
@@ -237,7 +244,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     reserve = max(20.0, 0.03 * cfg.minutes * 60)
 
     def eval_batches(data, seq_len, bs):
-        return lambda: [b for _, b in zip(range(cfg.eval_batches), PackedLoader(data, seq_len, bs, rank, world, seed=0, shuffle=False))]
+        def batches():
+            held_out = PackedLoader(data, seq_len, bs, rank, world, seed=0, shuffle=False)
+            return [next(held_out) for _ in range(cfg.eval_batches)]
+        return batches
 
     def stage_end(key: str, share: float, calib: int, fixed_end: int):
         """(end_step, on_step): the planned end, or open-ended under a time budget, or `fixed_end`."""
@@ -254,22 +264,21 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         end, budget = stage_end("pretrain", 1 - cfg.long_fraction, min(3, cfg.warmup_steps), cfg.steps)
         trainer.fit(next_token_loss, loader, end_step=end, on_step=budget,
                     eval_batches=eval_batches(val, cfg.seq_len, cfg.batch_size), desc="pretrain")
-        plain = gather_model(trainer)
+        plain = trainer.full_model()
         if rank == 0:
             _write_json(run_dir / "long_context_before.json", per_position_loss(plain, val, cfg.long_seq_len))
-        # ---- switch to the long-context stage ----
-        set_rope_theta(model, cfg.long_rope_theta)
-        trainer.cfg, trainer.stage, trainer.stage_start = cfg.train_config("long"), "long", trainer.step
+        begin_long_stage()
     end, budget = stage_end("long", 1.0, min(2, cfg.long_warmup_steps), trainer.stage_start + cfg.long_steps)
-    last = trainer.fit(next_token_loss, long_loader, end_step=end, on_step=budget,
-                       eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size), desc="long-context")
+    last = trainer.fit(next_token_loss, long_loader, end_step=end, on_step=budget, desc="long-context",
+                       eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size))
     summary = {}
-    plain = gather_model(trainer)
+    plain = trainer.full_model()
     if rank == 0:
         _write_json(run_dir / "long_context_after.json", per_position_loss(plain, val, cfg.long_seq_len))
         export(plain, tok_dir, run_dir / "model")
+        train_seconds = round(time.perf_counter() - t0 - t_data, 1)
         summary = {"steps": trainer.step, "plan": plan, "tokens": trainer.tokens, "final": last,
-                   "data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t0 - t_data, 1),
+                   "data_seconds": round(t_data, 1), "train_seconds": train_seconds,
                    "model": str(run_dir / "model"), "config": cfg.__dict__}
         _write_json(run_dir / "summary.json", summary)
     trainer.close()
@@ -283,18 +292,18 @@ GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_k": 40}
 
 
 def export(model, tok_dir: Path, out: Path) -> Path:
-    """The final model in the Hugging Face layout, with the tokenizer's files beside it, and a
-    generation_config.json (GENERATION_DEFAULTS, stopping at <|endoftext|>) unless the tokenizer has one."""
-    from qwen2.checkpoint import save_model
+    """The final model in the Hugging Face layout, with the tokenizer's files beside it (checkpoint's
+    SIDE_FILES), and a generation_config.json (GENERATION_DEFAULTS, stopping at <|endoftext|>) unless
+    the tokenizer has one."""
+    from qwen2.checkpoint import copy_side_files, save_model
     from qwen2.tokenizer.bpe import load_tokenizer
 
     save_model(model, out)
-    for name in TOKENIZER_FILES:
-        if (Path(tok_dir) / name).is_file():
-            shutil.copyfile(Path(tok_dir) / name, out / name)
+    copy_side_files(tok_dir, out)
     if not (out / "generation_config.json").is_file():
         eot = load_tokenizer(tok_dir).endoftext_id
-        _write_json(out / "generation_config.json", {**GENERATION_DEFAULTS, "bos_token_id": eot, "eos_token_id": eot})
+        _write_json(out / "generation_config.json",
+                    {**GENERATION_DEFAULTS, "bos_token_id": eot, "eos_token_id": eot})
     return out
 
 

@@ -1,9 +1,19 @@
 """Recipes: Python functions that return config dataclasses; a flat YAML file may override fields.
 
-DESIGN principle 8: no registries of components, no `_component_` strings. A recipe is a function;
-`load_recipe("speedrun.yaml")` reads `recipe: <function name>` (default `pretrain`) plus any
-`PretrainConfig` field, and returns the recipe's config with those fields replaced. Unknown keys are
-an error that names the file, the key and the valid keys.
+DESIGN principles 8 and 12: no registries of components, no `_component_` strings, and configs
+compose instead of copying. A recipe is a function; `load_recipe("speedrun.yaml")` reads
+`recipe: <function name>` (default `pretrain`) plus any field of the recipe's config, and returns the
+recipe's config with those fields replaced. Unknown keys are a one-line error that names the file,
+the key and the nearest valid one.
+
+`PretrainConfig` is a `TrainConfig` (the loop's settings, inherited: `lr: 1e-3` at the top level of
+a YAML file sets TrainConfig.lr) plus the fields of pre-training alone (data, tokenizer, the time
+budget, the long-context stage's `long_*` settings); `train_config(stage)` hands the loop a plain
+TrainConfig for each stage. A later recipe composes the same way: `class SFTConfig(TrainConfig)` adds
+only its own fields (the conversation files, the chat template, the masking choice), overrides the
+defaults it needs by redeclaring them (`lr: float = 1e-5`), and its functions join RECIPES; DPO
+(`beta`, the reference model) and the reward model likewise. `override` and `load_recipe` take
+any such dataclass, so a flat YAML file sets loop and stage fields alike with no code per recipe.
 
 Model shapes for training from scratch (`model:` field) are presets too: `speedrun` is a small
 Qwen2 with every Qwen2 trait (GQA, q/k/v bias, tied embeddings, SwiGLU, RMSNorm, RoPE) sized for a
@@ -13,18 +23,27 @@ Qwen2 with every Qwen2 trait (GQA, q/k/v bias, tied embeddings, SwiGLU, RMSNorm,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qwen2.config import PRESETS, ModelConfig
+from qwen2.extras import require
 from qwen2.train.loop import TrainConfig
 
 
 @dataclass
-class PretrainConfig:
-    """Everything `qwen2 pretrain` / `qwen2 speedrun` need. Stage 1 is ordinary pre-training; stage 2 is
-    the long-context stage (paper section 3: 4,096 -> 32,768 tokens, RoPE base 10,000 -> 1,000,000)."""
+class PretrainConfig(TrainConfig):
+    """Everything `qwen2 pretrain` / `qwen2 speedrun` need: the loop's TrainConfig fields (stage 1's
+    batch_size, lr, warmup_steps; the rest shared by both stages) and the fields below. Stage 1 is
+    ordinary pre-training; stage 2 is the long-context stage (paper section 3: 4,096 -> 32,768 tokens,
+    RoPE base 10,000 -> 1,000,000)."""
 
+    # -- TrainConfig fields whose pre-training defaults differ from the loop's
+    batch_size: int = 16
+    eval_every: int = 50
+    ckpt_every: int = 50
+    # -- where the run writes
     out: str = "runs/pretrain"
     # -- model: a name in MODEL_SHAPES, a Qwen2 preset name, or a config.json path
     model: str = "speedrun"
@@ -40,27 +59,12 @@ class PretrainConfig:
     # -- time budget (minutes, the whole run); 0: use `steps` / `long_steps`
     minutes: float = 0.0
     long_fraction: float = 0.15  # of the training time spent in the long-context stage
-    # -- stage 1
+    # -- stage 1 (its batch_size, lr, warmup_steps are the TrainConfig fields)
     seq_len: int = 256
     rope_theta: float = 10_000.0
     steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "fp32"
-    activation_checkpointing: bool = False
-    parallel: str = "ddp"
-    eval_every: int = 50
     eval_batches: int = 4
-    ckpt_every: int = 50
-    keep_last: int = 2
-    seed: int = 0
-    # -- stage 2: long context
+    # -- stage 2: long context (replacing batch_size, lr, warmup_steps in its TrainConfig)
     long_seq_len: int = 1024
     long_rope_theta: float = 1_000_000.0
     long_steps: int = 40
@@ -74,14 +78,23 @@ class PretrainConfig:
     sample_tokens: int = 80
 
     def train_config(self, stage: str) -> TrainConfig:
-        """The loop's settings for `stage` ("pretrain" or "long")."""
-        common = dict(grad_accum=self.grad_accum, min_lr_ratio=self.min_lr_ratio, schedule=self.schedule,
-                      weight_decay=self.weight_decay, grad_clip=self.grad_clip, precision=self.precision,
-                      activation_checkpointing=self.activation_checkpointing, parallel=self.parallel,
-                      eval_every=self.eval_every, ckpt_every=self.ckpt_every, keep_last=self.keep_last, seed=self.seed)
+        """The loop's settings for `stage` ("pretrain" or "long"): this config's TrainConfig part,
+        with the long stage's batch size, peak learning rate and warmup."""
+        if stage not in ("pretrain", "long"):
+            raise ValueError(f"PretrainConfig.train_config: stage must be pretrain or long, got {stage!r}")
+        cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
         if stage == "long":
-            return TrainConfig(batch_size=self.long_batch_size, lr=self.long_lr, warmup_steps=self.long_warmup_steps, **common)
-        return TrainConfig(batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps, **common)
+            cfg = dataclasses.replace(cfg, batch_size=self.long_batch_size, lr=self.long_lr,
+                                      warmup_steps=self.long_warmup_steps)
+        return cfg
+
+    def validate(self, source: str = "PretrainConfig"):
+        for stage in ("pretrain", "long"):
+            self.train_config(stage).validate(source)
+        if not 0.0 <= self.long_mix <= 1.0:
+            raise ValueError(f"{source}: long_mix must be in [0, 1], got {self.long_mix}")
+        if not 0.0 <= self.long_fraction < 1.0:
+            raise ValueError(f"{source}: long_fraction must be in [0, 1), got {self.long_fraction}")
 
 
 # ---- model shapes for training from scratch ------------------------------------------------------
@@ -139,11 +152,8 @@ RECIPES = {"pretrain": pretrain, "speedrun": speedrun}
 
 
 def load_recipe(path: str | Path) -> PretrainConfig:
-    """A flat YAML file: `recipe: speedrun` (optional) and PretrainConfig fields to override."""
-    try:
-        import yaml
-    except ImportError:
-        raise ValueError(f"{path}: reading a YAML recipe needs PyYAML: pip install pyyaml") from None
+    """A flat YAML file: `recipe: speedrun` (optional) and fields of the recipe's config to override."""
+    yaml = require("yaml", "train", f"{path}: reading a YAML recipe")
 
     path = Path(path)
     if not path.is_file():
@@ -157,16 +167,35 @@ def load_recipe(path: str | Path) -> PretrainConfig:
     return override(RECIPES[name](), data, source=str(path))
 
 
-def override(cfg: PretrainConfig, changes: dict, source: str = "overrides") -> PretrainConfig:
-    valid = {f.name: f for f in fields(PretrainConfig)}
+def override(cfg, changes: dict, source: str = "overrides"):
+    """`cfg` (any recipe's config dataclass) with `changes` applied, type-checked and validated."""
+    valid = {f.name for f in fields(cfg)}
+    clean = {}
     for key, value in changes.items():
         if key not in valid:
-            raise ValueError(f"{source}: unknown field {key!r}; valid fields: {', '.join(valid)}")
-        current = getattr(cfg, key)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if current is not None and value is not None and not isinstance(value, type(current)):
-            raise ValueError(f"{source}: field {key!r} must be {type(current).__name__}, got {value!r}")
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg.train_config("pretrain").validate(source)
+            near = difflib.get_close_matches(str(key), sorted(valid), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"{type(cfg).__name__} has no such field"
+            raise ValueError(f"{source}: unknown field {key!r} ({hint}); "
+                             f"valid fields: {', '.join(sorted(valid))}")
+        clean[key] = _coerce(getattr(cfg, key), value, key, source)
+    cfg = dataclasses.replace(cfg, **clean)
+    cfg.validate(source)
     return cfg
+
+
+def _coerce(current, value, key: str, source: str):
+    """`value` as the type of the field's current value. YAML 1.1 reads `1e-3` (no dot) as a string
+    and `3` as an int: both are accepted for a float field."""
+    if isinstance(current, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if current is None or value is None:
+        return value
+    if isinstance(value, bool) != isinstance(current, bool) or not isinstance(value, type(current)):
+        raise ValueError(f"{source}: field {key!r} must be {type(current).__name__}, got {value!r}")
+    return value

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qwen2.config import ModelConfig, param_counts
+from qwen2.extras import require
 
 _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -73,8 +74,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training loss") -> Path:
     """Training loss by step per stage (light) with a running mean, and held-out loss (dots)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "plotting the training report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -88,7 +88,8 @@ def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training
         color = f"C{i}"
         ax.plot(steps, losses, color=color, alpha=0.25, lw=0.8)
         k = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, j - k):j + 1]) / len(losses[max(0, j - k):j + 1]) for j in range(len(losses))]
+        windows = [losses[max(0, j - k):j + 1] for j in range(len(losses))]  # trailing mean of k+1 steps
+        smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, smooth, color=color, lw=1.8, label=f"{stage} (train)")
         ev = [r for r in metrics if r.get("stage", "train") == stage and "eval_loss" in r]
         if ev:
@@ -109,17 +110,18 @@ def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training
 def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int | None = None) -> Path:
     """Held-out loss by position at the long length after stage 1 and after the long-context stage (top),
     and their difference (bottom: below zero is better), the positions beyond stage 1's length shaded."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "plotting the training report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6), dpi=100, sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 2]})
     pos = before["positions"]
-    ax.plot(pos, before["loss"], "o-", ms=3, color="C0", label=f"after stage 1 (RoPE base {before['rope_theta']:,.0f})")
+    ax.plot(pos, before["loss"], "o-", ms=3, color="C0",
+            label=f"after stage 1 (RoPE base {before['rope_theta']:,.0f})")
     ax.plot(after["positions"], after["loss"], "o-", ms=3, color="C1",
             label=f"after the long-context stage (RoPE base {after['rope_theta']:,.0f})")
-    diff = [a - b for a, b in zip(after["loss"], before["loss"])]
+    diff = [a - b for a, b in zip(after["loss"], before["loss"], strict=True)]
     dx.bar(pos, diff, width=0.8 * (pos[1] - pos[0] if len(pos) > 1 else 1),
            color=["C2" if d < 0 else "C3" for d in diff])
     dx.axhline(0, color="black", lw=0.8)
@@ -129,7 +131,8 @@ def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int
             axis.axvline(train_len, color="gray", ls="--", lw=1)
         axis.grid(alpha=0.3)
     ax.set_ylabel("held-out loss (nats)")
-    ax.set_title(f"Per-position loss at {after['seq_len']} tokens, before and after the long-context stage", pad=28)
+    ax.set_title(f"Per-position loss at {after['seq_len']} tokens, before and after the long-context stage",
+                 pad=28)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5, frameon=False)
     dx.set_ylabel("after - before\n(green: lower loss)")
     shaded = f"; shaded: beyond stage 1's length, {train_len}" if train_len else ""
@@ -167,7 +170,8 @@ def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra:
         lc = data["long_context"]
         lines += ["", f"Held-out loss at {lc['seq_len']} tokens: {lc['before']:.3f} after stage 1, "
                       f"{lc['after']:.3f} after the long-context stage "
-                      f"(positions beyond {lc['train_len']}: {lc['before_tail']:.3f} -> {lc['after_tail']:.3f})."]
+                      f"(positions beyond {lc['train_len']}: "
+                      f"{lc['before_tail']:.3f} -> {lc['after_tail']:.3f})."]
     if samples:
         lines += ["", "## Samples", ""]
         for s in samples:

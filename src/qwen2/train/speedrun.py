@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from qwen2.extras import require
 from qwen2.train.recipes import PretrainConfig
 from qwen2.train.recipes import speedrun as speedrun_recipe
 
@@ -21,7 +22,8 @@ PROMPTS = ["import os\nimport sys\n\n\ndef ", "class Stack:\n    \"\"\"", "# Ret
            "def parse_args(argv):\n    ", "The following example shows how to "]
 
 
-def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | None = None, resume: bool = True) -> dict:
+def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | None = None,
+             resume: bool = True) -> dict:
     """Run the speedrun; returns the report (also OUT/report.json)."""
     return pretrain_and_report(speedrun_recipe(minutes, out, corpus), resume=resume)
 
@@ -31,10 +33,7 @@ def pretrain_and_report(cfg: PretrainConfig, resume: bool = True) -> dict:
     from qwen2.train.pretrain import run_pretrain
 
     t0 = time.perf_counter()
-    try:  # checked first: a long run must not fail at its end
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError("the report's plots need matplotlib: pip install 'qwen2[plot]'") from None
+    require("matplotlib", "plot", "the speedrun report's plots")  # first: a long run must not fail at its end
     summary = run_pretrain(cfg, resume=resume)
     if not summary:  # ranks > 0
         return {}
@@ -50,16 +49,17 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     from qwen2.checkpoint import load_model
     from qwen2.config import param_counts
     from qwen2.tokenizer.bpe import load_tokenizer
-    from qwen2.train.report import flops_per_token, peak_flops, plot_long_context, plot_losses, read_metrics, write_report
+    from qwen2.train import report as rep
 
     run = Path(cfg.out)
-    metrics = read_metrics(run / "metrics.jsonl")
+    metrics = rep.read_metrics(run / "metrics.jsonl")
     model = load_model(run / "model", dtype=None)
     tok = load_tokenizer(run / "model")
-    loss_png = plot_losses(metrics, run / "loss.png", title=f"Qwen2 pre-training ({param_counts(model.config).total / 1e6:.1f}M)")
+    params = param_counts(model.config).total
+    loss_png = rep.plot_losses(metrics, run / "loss.png", title=f"Qwen2 pre-training ({params / 1e6:.1f}M)")
     before = json.loads((run / "long_context_before.json").read_text())
     after = json.loads((run / "long_context_after.json").read_text())
-    lc_png = plot_long_context(before, after, run / "long_context.png", train_len=cfg.seq_len)
+    lc_png = rep.plot_long_context(before, after, run / "long_context.png", train_len=cfg.seq_len)
     tail = [i for i, p in enumerate(before["positions"]) if p >= cfg.seq_len]
 
     def tail_mean(d):
@@ -70,28 +70,30 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     steps = [r for r in metrics if "step_time_s" in r]
     seconds = sum(r["step_time_s"] for r in steps)
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
-    flops = sum(r["tokens_per_s"] * r["step_time_s"] * flops_per_token(model.config, seq.get(r["stage"], cfg.seq_len))
-                for r in steps)
+    flops = sum(r["tokens_per_s"] * r["step_time_s"]
+                * rep.flops_per_token(model.config, seq.get(r["stage"], cfg.seq_len)) for r in steps)
     # A finished run's report written again keeps the run's own wall time and measured peak.
     again = summary.get("finished_before") and (run / "report.json").is_file()
     earlier = json.loads((run / "report.json").read_text()) if again else {}
-    peak = earlier.get("peak_flops") or peak_flops("cuda" if torch.cuda.is_available() else "cpu")  # where it trained
+    # the peak of the machine the run trained on
+    peak = earlier.get("peak_flops") or rep.peak_flops("cuda" if torch.cuda.is_available() else "cpu")
     train_losses = [r["loss"] for r in steps]
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
     report = {
         "wall_seconds": None, "minutes_budget": cfg.minutes, "model": str(run / "model"),
-        "params": param_counts(model.config).total, "tokens": int(tokens),
-        "tokens_per_s": tokens / max(seconds, 1e-9), "mfu": flops / max(seconds, 1e-9) / peak, "peak_flops": peak,
+        "params": params, "tokens": int(tokens), "tokens_per_s": tokens / max(seconds, 1e-9),
+        "mfu": flops / max(seconds, 1e-9) / peak, "peak_flops": peak,
         "final_loss": sum(train_losses[-10:]) / max(1, len(train_losses[-10:])) if train_losses else None,
         "final_eval_loss": evals[-1] if evals else None,
         "loss_png": str(loss_png), "long_context_png": str(lc_png),
-        "long_context": {"seq_len": cfg.long_seq_len, "train_len": cfg.seq_len, "before": before["mean"],
-                         "after": after["mean"], "before_tail": tail_mean(before), "after_tail": tail_mean(after)},
+        "long_context": {"seq_len": cfg.long_seq_len, "train_len": cfg.seq_len,
+                         "before": before["mean"], "after": after["mean"],
+                         "before_tail": tail_mean(before), "after_tail": tail_mean(after)},
         "steps": summary.get("plan"), "data_seconds": summary.get("data_seconds"),
     }
     samples = generate_samples(model, tok, cfg.samples, cfg.sample_tokens)
     report["wall_seconds"] = earlier.get("wall_seconds") or round(time.perf_counter() - started, 1)
-    write_report(run, report, samples)
+    rep.write_report(run, report, samples)
     report["samples"] = samples
     return report
 
@@ -104,8 +106,9 @@ def generate_samples(model, tok, n: int, max_new_tokens: int) -> list[dict]:
     out = []
     for prompt in PROMPTS[:n]:
         ids = tok.encode(prompt)
-        new = list(generate(model, ids, max_new_tokens=max_new_tokens, temperature=GENERATION_DEFAULTS["temperature"],
-                            top_k=GENERATION_DEFAULTS["top_k"], seed=0, stop_token_ids=[tok.endoftext_id]))
+        new = list(generate(model, ids, max_new_tokens=max_new_tokens, seed=0,
+                            stop_token_ids=[tok.endoftext_id], temperature=GENERATION_DEFAULTS["temperature"],
+                            top_k=GENERATION_DEFAULTS["top_k"]))
         new = [t for t in new if t != tok.endoftext_id]
         out.append({"prompt": prompt, "completion": tok.decode(new)})
     return out

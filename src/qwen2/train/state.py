@@ -1,7 +1,7 @@
 """Training checkpoints that survive faults: write to a temporary folder, fsync, rename.
 
 A checkpoint `<run>/checkpoints/step_0000123/` holds
-    model/                 the Hugging Face layout (config.json + safetensors, via qwen2.checkpoint.save_model):
+    model/                 the Hugging Face layout (config.json + safetensors, qwen2.checkpoint.save_model):
                            it loads unchanged in transformers and in `qwen2.load_model`
     optimizer.safetensors  AdamW moments keyed by parameter name (+ optimizer.json: groups, scalars)
     ranks.safetensors      per rank: every RNG state (torch, CUDA, Python, NumPy) and the loader position
@@ -13,7 +13,8 @@ checkpoints beyond `keep_last` are first renamed to `.trash-*` and only then del
 during cleanup never leaves a half-deleted folder under a complete-looking name.
 
 Nothing here unpickles: tensors go through safetensors, the rest through JSON (DESIGN conventions).
-With FSDP2 / DDP the full state is gathered (torch.distributed.checkpoint.state_dict) and rank 0 writes.
+What is saved is `Trainer.state_dict()` (with FSDP2 / DDP the full state, gathered; rank 0 writes) plus
+every rank's loader position; `load_checkpoint` hands it back through `Trainer.load_state_dict`.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -130,38 +132,18 @@ def _sweep(root: Path) -> None:
 
 
 # ---- save / load ----------------------------------------------------------------------------------
-def _full_state(trainer) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(trainer.model, trainer.optimizer, options=opts)
-
-
-def gather_model(trainer):
-    """An unsharded model on rank 0 (the trained module itself unless FSDP shards it); None elsewhere.
-    Collective under FSDP: every rank must call it."""
-    if trainer.world == 1 or trainer.cfg.parallel != "fsdp":
-        return trainer.model if trainer.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from qwen2.model import Qwen2
-
-    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not trainer.is_main:
-        return None
-    with torch.device("meta"):
-        plain = Qwen2(trainer.model.config)
-    plain.load_state_dict(sd, assign=True, strict=True)
-    return plain
+# trainer.json: the Trainer's state_dict without its tensors and per-rank parts.
+INFO_KEYS = ("step", "stage", "stage_start", "tokens", "world_size", "meta")
 
 
 def save_checkpoint(trainer, loader) -> Path | None:
-    """Write the trainer's complete state at its current step. Collective under torchrun; rank 0 writes."""
+    """Write the trainer's complete state (Trainer.state_dict) and every rank's loader position at the
+    current step. Collective under torchrun; rank 0 writes."""
     from qwen2.checkpoint import save_model
-    from qwen2.model import Qwen2
+    from qwen2.train.parallel import model_from_state
 
-    model_sd, optim_sd = _full_state(trainer)
-    per_rank = {"rng": rng_state(), "loader": loader.state_dict()}
+    state = trainer.state_dict()
+    per_rank = {"rng": state["rng"], "loader": loader.state_dict()}
     if trainer.world > 1:
         gathered = [None] * trainer.world
         dist.all_gather_object(gathered, per_rank)
@@ -177,15 +159,10 @@ def save_checkpoint(trainer, loader) -> Path | None:
         tmp = root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
         # The HF export: a meta-device model takes the gathered full tensors (no copy), then save_model.
-        with torch.device("meta"):
-            export = Qwen2(trainer.model.config)
-        export.load_state_dict(model_sd, assign=True, strict=True)
-        save_model(export, tmp / "model")
-        _write_state(optim_sd, tmp, "optimizer")
+        save_model(model_from_state(trainer.model.config, state["model"]), tmp / "model")
+        _write_state(state["optimizer"], tmp, "optimizer")
         _write_state(gathered, tmp, "ranks")
-        info = {"step": trainer.step, "stage": trainer.stage, "stage_start": trainer.stage_start,
-                "tokens": trainer.tokens, "world_size": trainer.world, "meta": trainer.meta}
-        (tmp / "trainer.json").write_text(json.dumps(info, indent=2))
+        (tmp / "trainer.json").write_text(json.dumps({k: state[k] for k in INFO_KEYS}, indent=2))
         fsync_tree(tmp)
         if final.exists():  # the same step saved twice (end of a stage after a resume): replace it
             old = root / f".trash-{name}-{os.getpid()}"
@@ -219,23 +196,17 @@ def load_model_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(trainer, loader, ckpt: str | os.PathLike) -> dict:
-    """Restore model, optimizer, step, RNG and loader position from `ckpt` into `trainer` / `loader`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
+    """Restore model, optimizer, step, stage, RNG (Trainer.load_state_dict) and the loader position
+    from `ckpt`. Returns the checkpoint's trainer.json."""
     ckpt = Path(ckpt)
     info = read_trainer_info(ckpt)
-    if info["world_size"] != trainer.world:
+    if info["world_size"] != trainer.world:  # checked before any file is read: the trainer stays as it is
         raise ValueError(f"{ckpt}: saved with world_size {info['world_size']}, resumed with {trainer.world}; "
                          f"resume with the same number of processes (the loader position is per rank)")
-    model_sd = load_model_state(ckpt / "model")
-    optim_sd = _read_state(ckpt, "optimizer")
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
     mine = _read_state(ckpt, "ranks")[trainer.rank]
-    set_rng_state(mine["rng"])
+    trainer.load_state_dict({**info, "model": load_model_state(ckpt / "model"),
+                             "optimizer": _read_state(ckpt, "optimizer"), "rng": mine["rng"]})
     loader.load_state_dict(mine["loader"])
-    trainer.step, trainer.stage_start, trainer.tokens = info["step"], info["stage_start"], info["tokens"]
-    trainer.stage, trainer.meta = info["stage"], info.get("meta", {})
     if trainer.is_main:
         _truncate_metrics(trainer.run_dir / "metrics.jsonl", trainer.step)
     return info
