@@ -8,8 +8,8 @@ from qwen2.config import ModelConfig
 from qwen2.engine.engine import Engine
 from qwen2.generation import generate
 from qwen2.model import build_model
-from qwen2.engine.paged_cache import BlockManager
-from qwen2.sampling import SamplingParams
+from qwen2.engine.blocks import BlockManager
+from qwen2.sampling import SamplingParams, TokenHistory
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-moe"])
@@ -161,6 +161,28 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
     rid = engine.add_request(p, params)
     engine.add_request(other, SamplingParams(temperature=1.0, max_new_tokens=20, seed=7))
     assert run(engine)[rid] == solo
+
+
+def test_penalties_equal_generates_and_each_history_is_updated_in_place(model):
+    p, other = prompts([9, 21], seed=8)
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.4)
+    ref = alone(model, p, 16, **kw)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    rid = engine.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=16, **kw))
+    engine.add_request(other, greedy(10))  # another row in the batch, without penalties
+    seq = engine.seqs[rid]
+    assert engine.seqs[engine.add_request(other, greedy(3))].history is None  # only penalised requests keep one
+    storage = (seq.history.seen.data_ptr(), seq.history.counts.data_ptr())
+    out = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                out += o.token_ids
+        # The sequence's own [1, V] statistics, written in place, equal ones built from its tokens.
+        assert (seq.history.seen.data_ptr(), seq.history.counts.data_ptr()) == storage
+        want = TokenHistory([p], model.config.vocab_size, outputs=[seq.output])
+        assert torch.equal(seq.history.seen, want.seen) and torch.equal(seq.history.counts, want.counts)
+    assert out == ref and len(out) == 16
 
 
 def test_requests_that_can_never_run_are_refused(model):

@@ -5,7 +5,7 @@ import torch
 
 from qwen2 import load_model
 from qwen2.config import ModelConfig
-from qwen2.generation import ChatSession, KVCache, _StopText, decode_one, generate, prefill, stream_text
+from qwen2.generation import ChatSession, KVCache, decode_one, generate, prefill, stream_text
 from qwen2.model import build_model
 from qwen2.sampling import SamplingParams
 
@@ -213,34 +213,6 @@ def test_stream_text_is_the_text_before_the_stop(tok):
     assert "".join(pieces) == "Hello world"
     pieces = list(stream_text(model, tok, [1, 2], max_new_tokens=50, temperature=0, stop_token_ids=[tok.im_end_id]))
     assert "".join(pieces) == "Hello world, again"  # the stop token's text is not shown
-
-
-class ByteTokenizer:
-    """ids are bytes: a character of several UTF-8 bytes spans several tokens."""
-
-    def __len__(self):
-        return 256
-
-    def decode_bytes(self, ids):
-        return bytes(ids)
-
-
-def test_stop_text_holds_back_split_utf8():
-    s = _StopText(ByteTokenizer(), ["世界"])
-    released, text = [], ""
-    for i in "你好世界!".encode():
-        r, t = s.push(i)
-        released += r
-        text += t
-    assert s.stopped and text == "你好" and bytes(released) == "你好".encode()
-
-
-def test_stop_text_flush_releases_everything_held():
-    s = _StopText(ByteTokenizer(), ["abc"])
-    out = [s.push(i) for i in b"xab"]
-    assert "".join(t for _, t in out) == "x"
-    ids, text = s.push(None)
-    assert text == "ab" and bytes(ids) == b"ab"
 
 
 # ---- chat session reuses its cache ----------------------------------------------------------------

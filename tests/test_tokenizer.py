@@ -27,7 +27,6 @@ from qwen2.tokenizer.bpe import (
     CONTROL_TOKENS,
     QWEN2_CHAT_TEMPLATE,
     QWEN2_TIKTOKEN_SHA256,
-    StreamDecoder,
     Tokenizer,
     derive_merges,
     load_tokenizer,
@@ -122,53 +121,16 @@ def test_decode_matches_transformers_on_any_ids(tok, hf_tok, ids):
     assert tok.decode(ids) == reference
 
 
-# ---- streaming ----------------------------------------------------------------------------------
-@settings(max_examples=150, deadline=None)
-@given(st.one_of(TEXT.map(lambda t: ("text", t)),
-                 st.lists(st.integers(0, 151645), max_size=30).map(lambda i: ("ids", i))), st.data())
-def test_stream_decoder_equals_decode_for_every_split(tok, item, data):
-    kind, value = item
-    ids = tok.encode(value) if kind == "text" else value
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=8)))
-    dec, out, start = StreamDecoder(tok), [], 0
-    for cut in [*cuts, len(ids)]:
-        out.append(dec.feed(ids[start:cut]))
-        start = cut
-    out.append(dec.flush())
-    assert "".join(out) == tok.decode(ids)
-    # One id at a time: text only appears once it is complete UTF-8.
-    dec = StreamDecoder(tok)
-    pieces = [dec.feed(i) for i in ids] + [dec.flush()]
-    assert "".join(pieces) == tok.decode(ids)
-    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in tok.decode(ids)
-
-
-def test_stream_decoder_holds_back_partial_characters(tok):
-    whole = tok.encode("好")
-    per_byte = [tok.token_id(bytes([b])) for b in "好".encode()]  # the 3 UTF-8 bytes as 3 tokens
-    dec = StreamDecoder(tok)
-    assert [dec.feed(i) for i in per_byte] == ["", "", "好"]
-    assert dec.feed(whole) == "好"
-    assert dec.feed(per_byte[:1]) == "" and dec.flush() == "\ufffd"  # an unfinished character at the end
-
-
-def test_bad_ids_raise_clear_errors_and_stream_survives(tok):
+def test_bad_ids_raise_clear_errors(tok):
     for bad in (151646, 151935, -1, 10**12):
         with pytest.raises(ValueError, match=str(bad)):
             tok.decode([1, bad])
-    dec = StreamDecoder(tok)
-    assert dec.feed(tok.encode("Hi")) == "Hi"
-    with pytest.raises(ValueError, match="151700"):
-        dec.feed(151700)
-    assert dec.feed(tok.encode(" there")) == " there"
 
 
 def test_decode_accepts_numpy_and_torch_integers_not_floats(tok):
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     assert tok.decode(np.array([9707, 1879])) == tok.decode(torch.tensor([9707, 1879])) == "Hello world"
-    dec = StreamDecoder(tok)
-    assert dec.feed(np.int64(9707)) + dec.feed(torch.tensor([1879])) == "Hello world"
     with pytest.raises(TypeError, match="integers"):
         tok.decode([9707.0])
     with pytest.raises(TypeError, match="str"):

@@ -4,25 +4,40 @@ SPEC.md 2.4: scores = q k^T / sqrt(d) + causal mask, softmax in fp32, no dropout
 SDPA, whose CPU and CUDA kernels accumulate the softmax in fp32 (qwen2.kernels swaps in a one-call
 decode kernel for bf16 on CPU, from outside).
 
-A KV cache meets the attention through two methods (the static cache in generate.py and the
-paged cache in engine.py both implement them):
-    cache.mask(positions [B, T]) -> bool [B, 1, T, S] (True = may attend), or None for plain causal
-    cache.update(layer_idx, k, v, positions) -> (k_all [B, Hkv, S, d], v_all [B, Hkv, S, d])
+A KV cache meets the attention through two methods (the static cache in generation.py and the
+paged cache in engine/paged_cache.py both implement them):
+    view = cache.view(positions [B, T]) -> CacheView: made once per forward, passed to every layer
+    cache.update(layer_idx, k, v, view) -> (k_all [B, Hkv, S, d], v_all [B, Hkv, S, d])
+and the layer attends with `view.mask`. The view is returned, never left on the cache, so nothing
+about one forward is state a later call has to find.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass
+class CacheView:
+    """What one forward reads from a KV cache (a dataclass: Dual Chunk Attention will add fields).
+
+    positions [B, T]: the new tokens' positions. mask bool [B, 1, T, S] (True = may attend), or None
+    for plain causal attention over the new keys alone (a prefill into an empty cache). window: the
+    cache slots 0..window-1 that `update` returns as keys and values (S); None with mask None."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    window: int | None = None
+
 
 class KVCache(Protocol):
-    def mask(self, positions: torch.Tensor) -> torch.Tensor | None: ...
+    def view(self, positions: torch.Tensor) -> CacheView: ...
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor): ...
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, view: CacheView): ...
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

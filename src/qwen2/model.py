@@ -119,15 +119,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache=None, mask=None):
+    def forward(self, x, cos, sin, positions, cache=None, view=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions)
-        out = self.attend(q, k, v, mask)  # [B, Hq, T, d]
+            k, v = cache.update(self.layer_idx, k, v, view)
+        out = self.attend(q, k, v, view.mask if view is not None else None)  # [B, Hq, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -140,8 +140,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache=None, mask=None, router_logits=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
+    def forward(self, x, cos, sin, positions, cache=None, view=None, router_logits=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, view)
         y = self.post_attention_layernorm(h)
         return h + (self.mlp(y, router_logits) if self.sparse else self.mlp(y))
 
@@ -187,9 +187,9 @@ class Qwen2(nn.Module):
             positions = positions.expand(b, t)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        mask = cache.mask(positions) if cache is not None else None
+        view = cache.view(positions) if cache is not None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, mask, router_logits)
+            x = layer(x, cos, sin, positions, cache, view, router_logits)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

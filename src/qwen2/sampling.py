@@ -15,12 +15,16 @@ right after the repetition penalty and to the generated tokens only):
 Every processor takes one value per row, so one call serves a batch whose rows carry different
 SamplingParams (the continuous-batching engine reuses `sample` this way). A disabled value
 (top_k 0, top_p 1, min_p 0, penalties 1 / 0) leaves its row untouched, bit for bit.
+
+`check_prompt` is the one check of a request's prompt against the model (generate, ChatSession, the
+CLI, the engine and the server all call it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +52,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before the first match
 
     def __post_init__(self):
-        self.stop_token_ids = [int(i) for i in ([self.stop_token_ids] if isinstance(self.stop_token_ids, int) else self.stop_token_ids or [])]
+        ids = self.stop_token_ids
+        self.stop_token_ids = [int(i) for i in ([ids] if isinstance(ids, int) else ids or [])]
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.validate()
 
@@ -115,6 +120,39 @@ class SamplingParams:
             kw["stop_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
+
+
+# ---- the one prompt check --------------------------------------------------------------------
+CONTEXT = "the model's context (max_position_embeddings in config.json)"
+
+
+def check_prompt(prompt_ids: Sequence[int], *, context: int, vocab_size: int,
+                 max_new_tokens: int | None = None, limit: str = CONTEXT) -> list[int]:
+    """The prompt as a list of ints, or ValueError naming the limit it breaks and the fix.
+
+    context: tokens a request may hold in all (prompt + output); `limit` says what sets it, for the
+    message. vocab_size: ids must lie in [0, vocab_size). max_new_tokens: None: the prompt must leave
+    room for at least one new token (callers that shorten the output to fit); a number: prompt +
+    max_new_tokens must fit."""
+    try:
+        ids = [operator.index(t) for t in prompt_ids]
+    except TypeError:
+        raise ValueError("token ids must be integers: pass the prompt as a list of ints") from None
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {ids[bad]} (prompt position {bad}) is outside the vocabulary "
+                         f"[0, {vocab_size}) (vocab_size in config.json): encode the prompt with this "
+                         "model's tokenizer")
+    n = len(ids)
+    if max_new_tokens is None and n >= context:
+        raise ValueError(f"the prompt has {n} tokens; {limit} is {context} tokens, which leaves no "
+                         "room for a new token: shorten the prompt")
+    if max_new_tokens is not None and n + max_new_tokens > context:
+        raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"of {context} tokens ({limit}): shorten the prompt or lower max_new_tokens")
+    return ids
 
 
 # ---- token statistics for the penalties --------------------------------------------------------
@@ -223,20 +261,32 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], b: int) -> list[
     return params
 
 
+def _penalise(x: torch.Tensor, rows: list[SamplingParams], history: TokenHistory) -> torch.Tensor:
+    if any(p.repetition_penalty != 1 for p in rows):
+        x = apply_repetition_penalty(x, history.seen, [p.repetition_penalty for p in rows])
+    if any(p.presence_penalty or p.frequency_penalty for p in rows):
+        x = apply_presence_frequency(x, history.counts, [p.presence_penalty for p in rows],
+                                     [p.frequency_penalty for p in rows])
+    return x
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
-                   history: TokenHistory | None = None) -> torch.Tensor:
+                   history: TokenHistory | Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
     """logits [B, V] -> fp32 logits [B, V] after every processor, in transformers' order; filtered
-    tokens are -inf. Greedy rows get the penalties only (as transformers' greedy search does)."""
+    tokens are -inf. Greedy rows get the penalties only (as transformers' greedy search does).
+    history: one TokenHistory of B rows, or one single-row TokenHistory (or None) per row (the engine's
+    sequences each keep their own)."""
     rows = _per_row(params, logits.shape[0])
     x = logits.float()
-    if history is not None:
-        if any(p.repetition_penalty != 1 for p in rows):
-            x = apply_repetition_penalty(x, history.seen, [p.repetition_penalty for p in rows])
-        if any(p.presence_penalty or p.frequency_penalty for p in rows):
-            x = apply_presence_frequency(x, history.counts, [p.presence_penalty for p in rows],
-                                         [p.frequency_penalty for p in rows])
-    elif any(p.needs_history for p in rows):
-        raise ValueError("repetition / presence / frequency penalties need the token history")
+    if isinstance(history, TokenHistory):
+        x = _penalise(x, rows, history)
+    else:
+        per_row = list(history) if history is not None else [None] * len(rows)
+        if any(p.needs_history and h is None for p, h in zip(rows, per_row)):
+            raise ValueError("repetition / presence / frequency penalties need the token history")
+        for i, (p, h) in enumerate(zip(rows, per_row)):
+            if h is not None and p.needs_history:
+                x[i : i + 1] = _penalise(x[i : i + 1], [p], h)
     sampling = [not p.greedy for p in rows]
     if not any(sampling):
         return x
@@ -255,12 +305,13 @@ def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[Sampl
 
 def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
            generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
-           history: TokenHistory | None = None) -> torch.Tensor:
+           history: TokenHistory | Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
     """Next token per row: logits [B, V] -> ids [B] (int64).
 
     params: one SamplingParams for every row, or one per row. generators: one torch.Generator shared by
     all rows, one per row (None entries use torch's default generator), or None. history: the rows'
-    TokenHistory, needed when a row uses a penalty. Greedy rows take the argmax (first on ties)."""
+    TokenHistory (or one per row, as process_logits takes), needed when a row uses a penalty. Greedy
+    rows take the argmax (first on ties)."""
     b = logits.shape[0]
     rows = _per_row(params, b)
     x = process_logits(logits, rows, history)

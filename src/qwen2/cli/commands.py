@@ -22,10 +22,6 @@ DEFAULT_MODEL = "runs/speedrun/model"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 # Files of a checkpoint folder that are not weights, copied by `qwen2 quantize`.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
-              "added_tokens.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-
-
 def model_dir(path: str | None) -> Path:
     """The checkpoint folder to use, with an error that says what to do when it is not there."""
     d = Path(path or DEFAULT_MODEL)
@@ -97,8 +93,9 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
     from qwen2.generation import ChatSession
+    from qwen2.sampling import check_prompt
+    from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
 
     model, tokenizer, d = load(args.model, args.dtype)
     params = sampling_params(args, d, tokenizer, chat=True)
@@ -130,10 +127,11 @@ def run_chat(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=system)
-        if len(ids) >= model.config.max_position_embeddings:
+        try:
+            check_prompt(ids, context=model.config.max_position_embeddings, vocab_size=model.config.vocab_size)
+        except ValueError as e:  # the turn is dropped; the conversation so far stays usable
             messages.pop()
-            print(f"error: the conversation is {len(ids)} tokens, the model's context is "
-                  f"{model.config.max_position_embeddings}; /reset to start over", file=sys.stderr, flush=True)
+            print(f"error: {e} (or /reset to start over)", file=sys.stderr, flush=True)
             continue
         reply = []
         try:
@@ -153,7 +151,7 @@ def run_chat(args) -> int:
 def run_quantize(args) -> int:
     import torch
 
-    from qwen2.checkpoint import load_model, save_model
+    from qwen2.checkpoint import copy_side_files, load_model, save_model
     from qwen2.quantize import quantize_model
 
     src = model_dir(args.model)
@@ -168,9 +166,7 @@ def run_quantize(args) -> int:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         save_model(model, tmp)
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_side_files(src, tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -1,5 +1,5 @@
-"""The continuous-batching engine: Sequence and Scheduler (scheduler), the paged KV cache and its
-BlockManager (paged_cache), and the Engine that steps them (engine).
+"""The continuous-batching engine: Sequence and Scheduler (scheduler), BlockManager (blocks), the paged
+KV cache (paged_cache), the Runner that runs the model over it (runner), and the Engine (engine).
 
     from qwen2.engine import Engine
 """

@@ -6,11 +6,11 @@ without its hidden global context: the batch metadata travels in an explicit `Pa
 model sees as its `cache` argument (attention.py's interface), so the model class is the same one
 `qwen2.generate` drives.
 
-The four parts: `Sequence` and `Scheduler` (scheduler.py), `BlockManager` and the pool (paged_cache.py),
-and `Runner` here, which turns a schedule into at most two forwards per step: one for the decodes
-([B, 1]) and one for the prefill chunks ([B, T], ragged rows padded into the scratch block), so a
-batch of decodes never pays for a long chunk's padding. Requests join and leave between steps; `abort`
-frees a request's blocks at once.
+The four parts: `Sequence` and `Scheduler` (scheduler.py), `BlockManager` (blocks.py) over the pool
+(paged_cache.py), and `Runner` (runner.py), which turns a schedule into at most two forwards per step.
+The Engine here adds requests (checked by sampling.check_prompt), samples each caught-up sequence's
+next token (each sequence keeps its own penalty history, updated in place) and reports what every
+request produced. Requests join and leave between steps; `abort` frees a request's blocks at once.
 
 At temperature 0 each request's tokens are the argmax of its own logits, whatever else is in the
 batch (rows never see each other: each row attends only to its own blocks), so they equal
@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen2.engine.paged_cache import BlockManager, KVPool, PagedBatch
-from qwen2.sampling import SamplingParams, TokenHistory, sample
+from qwen2.engine.blocks import BlockManager
+from qwen2.engine.paged_cache import KVPool
+from qwen2.engine.runner import Runner
 from qwen2.engine.scheduler import Scheduler, Sequence
+from qwen2.sampling import SamplingParams, TokenHistory, check_prompt, sample
 
 
 @dataclass
@@ -66,53 +68,6 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, lp[token].item(), top)
 
 
-class Runner:
-    """Builds each forward's inputs and `PagedBatch` from the scheduled sequences and runs the model."""
-
-    def __init__(self, model, pool: KVPool):
-        self.model, self.pool = model, pool
-        self.device = pool.k.device
-
-    @torch.no_grad()
-    def forward(self, batch: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
-        """Logits per scheduled (sequence, n): [n, V] for a sequence scoring its prompt, else [1, V]."""
-        out: list[torch.Tensor | None] = [None] * len(batch)
-        decode = [i for i, (_, n) in enumerate(batch) if n == 1]
-        prefill = [i for i, (_, n) in enumerate(batch) if n > 1]
-        for group in (decode, prefill):
-            if group:
-                for i, logits in zip(group, self._run([batch[i] for i in group])):
-                    out[i] = logits
-        return out
-
-    def _run(self, rows: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
-        bs, scratch = self.pool.block_size, self.pool.scratch_block
-        b, t = len(rows), max(n for _, n in rows)
-        nb = max(-(-(s.num_computed + n) // bs) for s, n in rows)
-        ids = torch.zeros(b, t, dtype=torch.long)
-        pos = torch.zeros(b, t, dtype=torch.long)
-        slots = torch.full((b, t), scratch * bs, dtype=torch.long)  # padding writes land in scratch
-        tables = torch.full((b, nb), scratch, dtype=torch.long)
-        for r, (s, n) in enumerate(rows):
-            p = torch.arange(s.num_computed, s.num_computed + n)
-            table = torch.tensor(s.block_table[: -(-(s.num_computed + n) // bs)], dtype=torch.long)
-            ids[r, :n] = torch.tensor(s.tokens[s.num_computed : s.num_computed + n])
-            pos[r, :n] = p
-            slots[r, :n] = table[p // bs] * bs + p % bs
-            tables[r, : len(table)] = table
-        view = PagedBatch(self.pool, tables.to(self.device), slots.to(self.device))
-        h = self.model.hidden_states(ids.to(self.device), pos.to(self.device), view)  # [B, T, H]
-        # The output layer is V wide (151,936 for Qwen2): apply it only where logits are used.
-        picked = [h[r, :n] if _scores_prompt(s) else h[r, n - 1 : n] for r, (s, n) in enumerate(rows)]
-        logits = self.model.logits(torch.cat(picked)).float()
-        return list(logits.split([len(x) for x in picked]))
-
-
-def _scores_prompt(seq: Sequence) -> bool:
-    """Whether this step's logits at every position are needed (prompt log-probabilities still missing)."""
-    return seq.prompt_logprobs is not None and len(seq.prompt_lp) < len(seq.prompt) - 1
-
-
 class Engine:
     """Continuous batching over one model.
 
@@ -127,17 +82,20 @@ class Engine:
     is also the longest prefill chunk. max_model_len: prompt + output at most (default: the config's).
     """
 
-    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, kv_cache_bytes: int = 1 << 30,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None):
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_bytes: int = 1 << 30, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None):
         self.model, self.config = model, model.config
         p = next(model.parameters())
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         if num_blocks is None:  # enough for max_num_seqs full-length requests, within kv_cache_bytes
             want = max_num_seqs * -(-self.max_model_len // block_size)
-            num_blocks = max(min(want, kv_cache_bytes // KVPool.bytes_per_block(self.config, block_size, p.dtype)), 1)
+            per_block = KVPool.bytes_per_block(self.config, block_size, p.dtype)
+            num_blocks = max(min(want, kv_cache_bytes // per_block), 1)
         self.pool = KVPool(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
         self.runner = Runner(model, self.pool)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -148,8 +106,9 @@ class Engine:
         """Tokens the whole cache holds: one request's prompt + output can use at most this."""
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *,
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    request_id: str | None = None) -> str:
         """Queue a request; it joins the batch at the next step. Returns its id.
 
         params: qwen2.sampling's SamplingParams (default: greedy, 256 tokens); its max_new_tokens,
@@ -165,28 +124,29 @@ class Engine:
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.pool.k.device).manual_seed(params.seed % 2**64)
+        history = None
+        if params.needs_history and params.max_new_tokens > 0:
+            history = TokenHistory([prompt], self.config.vocab_size, self.pool.k.device)
         seq = Sequence(request_id, prompt, params.max_new_tokens, params, frozenset(params.stop_token_ids),
-                       logprobs, prompt_logprobs, gen)
+                       logprobs, prompt_logprobs, gen, history=history)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def check_request(self, prompt: list[int], params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
+    def check_request(self, prompt: list[int], params: SamplingParams | None = None
+                      ) -> tuple[list[int], SamplingParams]:
         """(prompt as ints, params with defaults) for a request that can run; ValueError naming what is wrong.
         Reads only what never changes, so another thread may call it while a step runs."""
         params = params if params is not None else SamplingParams(temperature=0.0)
         if params.stop:
             raise ValueError("stop strings need a tokenizer: the engine stops on stop_token_ids only")
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        limit = min(self.max_model_len, self.capacity)
-        if len(prompt) + params.max_new_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"context of {limit} tokens")
+        if self.max_model_len <= self.capacity:
+            context, limit = self.max_model_len, "the engine's max_model_len"
+        else:
+            context = self.capacity
+            limit = "the engine's KV cache: num_blocks * block_size, or kv_cache_bytes"
+        prompt = check_prompt(prompt, context=context, vocab_size=self.config.vocab_size,
+                              max_new_tokens=params.max_new_tokens, limit=limit)
         return prompt, params
 
     def abort(self, request_id: str) -> bool:
@@ -210,14 +170,14 @@ class Engine:
         logits = self.runner.forward(batch)
         outs, ready = [], []
         for (seq, n), lg in zip(batch, logits):
-            if _scores_prompt(seq):
+            if seq.scores_prompt:
                 self._prompt_logprobs(seq, seq.num_computed, n, lg)
             self.scheduler.advance(seq, n)
             self.stats.computed_tokens += n
             if seq.num_computed == len(seq.tokens):  # caught up: its last logits choose the next token
                 ready.append((seq, lg[-1]))
-        for (seq, lg), token in zip(ready, self._pick(ready)):
-            outs.append(self._emit(seq, lg, token))
+        for (seq, lg), picked in zip(ready, self._pick(ready)):
+            outs.append(self._emit(seq, lg, picked))
         return outs
 
     def _prompt_logprobs(self, seq: Sequence, start: int, n: int, logits: torch.Tensor) -> None:
@@ -233,29 +193,30 @@ class Engine:
                     top = list(zip(ids.tolist(), vals.tolist()))
                 seq.prompt_lp.append(TokenLogprob(tok, lp[j, tok].item(), top))
 
-    def _pick(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[int | None]:
+    def _pick(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[int, torch.Tensor] | None]:
         """The next token of each caught-up sequence with qwen2.sampling's `sample`, one row per
-        sequence with its own params and generator (None: it only scores its prompt)."""
-        rows = [(s, lg) for s, lg in ready if s.max_tokens > 0]
+        sequence with its own params, generator and penalty history: (id, id as a [1] tensor), or
+        None for a sequence that only scores its prompt."""
+        rows = [s for s, _ in ready if s.max_tokens > 0]
         picked = iter([])
         if rows:
-            params = [s.sampling for s, _ in rows]
-            history = None
-            if any(p.needs_history for p in params):
-                history = TokenHistory([s.prompt for s, _ in rows], self.config.vocab_size, outputs=[s.output for s, _ in rows])
-            logits = torch.stack([lg for _, lg in rows])  # [R, V]
-            picked = iter(sample(logits, params, [s.generator for s, _ in rows], history).tolist())
+            logits = torch.stack([lg for s, lg in ready if s.max_tokens > 0])  # [R, V]
+            histories = [s.history for s in rows] if any(s.history is not None for s in rows) else None
+            tokens = sample(logits, [s.sampling for s in rows], [s.generator for s in rows], histories)
+            picked = zip(tokens.tolist(), tokens.split(1))
         return [next(picked) if s.max_tokens > 0 else None for s, _ in ready]
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, token: int | None) -> StepOutput:
+    def _emit(self, seq: Sequence, logits: torch.Tensor, picked: tuple[int, torch.Tensor] | None
+              ) -> StepOutput:
         first = not seq.output
         out = StepOutput(seq.request_id, [])
         if first and seq.prompt_logprobs is not None:
             out.prompt_logprobs = list(seq.prompt_lp)
-        if token is None:
+        if picked is None:
             reason = "length"
         else:
-            seq.tokens.append(token)
+            token, as_tensor = picked
+            seq.append(token, as_tensor)
             out.token_ids = [token]
             if seq.logprobs is not None:
                 out.logprobs = [token_logprob(logits, token, seq.logprobs)]

@@ -1,27 +1,20 @@
-"""Paged KV cache: a pool of fixed-size blocks, a BlockManager with prefix reuse, and the per-forward
-view through which the model attends.
+"""Paged KV cache: a pool of fixed-size blocks and the per-forward view through which the model attends.
 
-Reference: PagedAttention (Kwon et al., SOSP 2023, "vLLM") for the block pool and block tables, and
-its automatic prefix caching for reuse: a full block is named by a hash of its tokens chained to the
-hash of the block before it, so two prompts that share a prefix share its blocks and the second one
-computes only what follows. Freed blocks keep their contents and their name until they are reused,
-least recently freed first, so a system prompt stays cached between requests.
+Reference: PagedAttention (Kwon et al., SOSP 2023, "vLLM") for the block pool and block tables (which
+blocks a sequence holds is blocks.py's BlockManager).
 
 Departure: there is no paged-attention kernel. For each forward, `PagedBatch` (built by the engine's
 runner from the block tables) scatters the new k/v into the pool and gathers each row's blocks into
 contiguous [B, Hkv, S, d] tensors, so attention.py's one SDPA call site serves the paged cache through
-the same `mask` / `update` interface as the static cache in generate.py. The gather copies the active
-KV once per layer per step: simple and correct on CPU, and small beside reading the weights.
+the same `view` / `update` interface as the static cache in generation.py. The gather copies the
+active KV once per layer per step: simple and correct on CPU, and small beside reading the weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
-
-import numpy as np
 import torch
 
+from qwen2.attention import CacheView
 from qwen2.config import ModelConfig
 
 
@@ -31,8 +24,10 @@ class KVPool:
     The extra last block is scratch: padding tokens of a ragged batch are written there and never read.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32, device="cpu"):
-        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32,
+                 device="cpu"):
+        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads,
+                 config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -45,7 +40,7 @@ class KVPool:
 
 
 class PagedBatch:
-    """One forward's view of the pool: the `mask` / `update` interface of attention.py.
+    """One forward's batch over the pool: the `view` / `update` interface of attention.py.
 
     block_tables [B, nb]: each row's blocks in order (padded with the scratch block), so gathered
     slot j of row b holds the token at position j. slots [B, T]: the flat pool slot
@@ -56,13 +51,15 @@ class PagedBatch:
         self.pool, self.block_tables, self.slots = pool, block_tables, slots.reshape(-1)
         self.seq_len = block_tables.shape[1] * pool.block_size  # S: the longest row's blocks
 
-    def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [B, T] -> bool [B, 1, T, S]: slot j is visible to the query at position p iff j <= p."""
+    def view(self, positions: torch.Tensor) -> CacheView:
+        """positions [B, T] -> the view with mask bool [B, 1, T, S]: gathered slot j is visible to the
+        query at position p iff j <= p; window S (every row's gathered blocks)."""
         slots = torch.arange(self.seq_len, device=positions.device)
-        return (slots <= positions[..., None]).unsqueeze(1)
+        return CacheView(positions, (slots <= positions[..., None]).unsqueeze(1), self.seq_len)
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k, v [B, Hkv, T, d] to their slots; return the rows' k, v [B, Hkv, S, d]."""
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, view: CacheView):
+        """Write k, v [B, Hkv, T, d] to their slots; return the rows' k, v [B, Hkv, S, d]. (The slots
+        were fixed when the batch was built; the view only says how much is read, always S here.)"""
         b, hkv, _, d = k.shape
         out = []
         for new, pool in ((k, self.pool.k[layer_idx]), (v, self.pool.v[layer_idx])):
@@ -70,91 +67,3 @@ class PagedBatch:
             gathered = pool[self.block_tables]  # [B, nb, block_size, Hkv, d]
             out.append(gathered.view(b, self.seq_len, hkv, d).transpose(1, 2))
         return out[0], out[1]
-
-
-def block_hashes(tokens: list[int], block_size: int, n_blocks: int, prefix: list[bytes] | None = None) -> list[bytes]:
-    """Chained digests of the first `n_blocks` full blocks of `tokens`; `prefix` holds ones already known."""
-    out = list(prefix or [])[:n_blocks]
-    parent = out[-1] if out else b""
-    for i in range(len(out), n_blocks):
-        chunk = np.asarray(tokens[i * block_size : (i + 1) * block_size], dtype=np.int64)
-        parent = hashlib.sha256(parent + chunk.tobytes()).digest()
-        out.append(parent)
-    return out
-
-
-class BlockManager:
-    """Allocation, reference counts and prefix reuse over `num_blocks` blocks of `block_size` tokens.
-
-    A block is in use (ref > 0) or free. Free blocks sit in `free`, least recently freed first; a free
-    block that still holds a named (hashed) full block can be claimed back by a prefix match until it
-    is handed out as a fresh block, which erases its name.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.ref = [0] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.by_hash: dict[bytes, int] = {}
-        self.hash_of: dict[int, bytes] = {}
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def blocks_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.block_size)
-
-    def match_prefix(self, hashes: list[bytes]) -> list[int]:
-        """The blocks holding the longest cached run of `hashes` from the start (no references taken)."""
-        out = []
-        for h in hashes:
-            b = self.by_hash.get(h)
-            if b is None:
-                break
-            out.append(b)
-        return out
-
-    def can_admit(self, cached: list[int], n_tokens: int) -> bool:
-        """Whether a sequence reusing `cached` blocks can hold `n_tokens` tokens in all."""
-        revived = sum(1 for b in cached if self.ref[b] == 0)  # cached but free: they leave the free list
-        return self.blocks_for(n_tokens) - len(cached) + revived <= self.num_free
-
-    def take(self, cached: list[int]) -> list[int]:
-        """Reference the cached blocks of a prefix match; returns them as the start of a block table."""
-        for b in cached:
-            if self.ref[b] == 0:
-                del self.free[b]
-            self.ref[b] += 1
-        return list(cached)
-
-    def grow(self, table: list[int], n_tokens: int) -> bool:
-        """Append fresh blocks to `table` until it holds `n_tokens`; False (and nothing taken) if too few are free."""
-        need = self.blocks_for(n_tokens) - len(table)
-        if need > self.num_free:
-            return False
-        for _ in range(need):
-            b, _ = self.free.popitem(last=False)
-            h = self.hash_of.pop(b, None)
-            if h is not None:
-                del self.by_hash[h]
-            self.ref[b] = 1
-            table.append(b)
-        return True
-
-    def release(self, table: list[int]) -> None:
-        """Drop a sequence's references. Its last blocks are freed first, so they are reused first and
-        the shared prefix blocks stay cached longest."""
-        for b in reversed(table):
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                self.free[b] = None
-        table.clear()
-
-    def name(self, block: int, h: bytes) -> None:
-        """Record that `block` now holds the full block named `h` (first holder wins)."""
-        if h not in self.by_hash and block not in self.hash_of:
-            self.by_hash[h] = block
-            self.hash_of[block] = h

@@ -15,11 +15,10 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
-from qwen2.engine.paged_cache import BlockManager, block_hashes
+from qwen2.engine.blocks import BlockManager, block_hashes
+from qwen2.sampling import SamplingParams, TokenHistory
 
 
 class Status(enum.Enum):
@@ -35,7 +34,7 @@ class Sequence:
     request_id: str
     prompt: list[int]
     max_tokens: int
-    sampling: Any = None  # qwen2.sampling.SamplingParams
+    sampling: SamplingParams | None = None
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo scoring)
@@ -48,10 +47,26 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at first admission
-    prompt_lp: list = field(default_factory=list)  # entries for prompt positions 1.. (filled as prefill proceeds)
+    prompt_lp: list = field(default_factory=list)  # entries for prompt positions 1.. (filled by prefill)
+    # The penalties' token statistics (prompt + output so far): one [1, V] row kept up to date in place
+    # by `append` when the params use a penalty; it survives preemption (the tokens do not change).
+    history: TokenHistory | None = None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
+
+    def append(self, token: int, token_tensor: torch.Tensor | None = None) -> None:
+        """Add a generated token; `token_tensor` ([1], on the history's device) spares a copy to it."""
+        self.tokens.append(token)
+        if self.history is not None:
+            if token_tensor is None:
+                token_tensor = torch.tensor([token], device=self.history.seen.device)
+            self.history.append(token_tensor)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this step needs the logits at every position (prompt log-probabilities still missing)."""
+        return self.prompt_logprobs is not None and len(self.prompt_lp) < len(self.prompt) - 1
 
     @property
     def output(self) -> list[int]:

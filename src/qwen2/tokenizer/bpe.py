@@ -43,7 +43,6 @@ Qwen's). Deriving Qwen2's 151,387 merges takes 8-13 s on this machine (2 busy co
 from __future__ import annotations
 
 import base64
-import codecs
 import hashlib
 import importlib.resources
 import json
@@ -302,33 +301,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, regular={self._n_regular}, control={len(self._control)})"
-
-
-class StreamDecoder:
-    """Decode a stream of ids one at a time, returning text only once it is complete UTF-8.
-
-    `"".join(feed(i) for i in ids) + flush() == tokenizer.decode(ids)` for every split of the stream:
-    Python's incremental UTF-8 decoder holds back an incomplete trailing character and replaces invalid
-    bytes exactly as the one-shot decode does. A bad id raises ValueError and leaves the state unchanged.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, ids: int | Iterable[int]) -> str:
-        """One id (or several); returns the text they complete, "" while a character is unfinished."""
-        try:
-            ids = [operator.index(ids)]  # one id: int, numpy integer, 0-d tensor
-        except TypeError:
-            ids = list(ids)
-        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
-
-    def flush(self) -> str:
-        """The held-back tail (as U+FFFD if it never completed); the decoder is then reset."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text
 
 
 # ---- loading ------------------------------------------------------------------------------------
