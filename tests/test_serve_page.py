@@ -41,7 +41,8 @@ def test_chat_page_streams_the_same_reply_as_the_api(start_server, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     srv = start_server()
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, _strict_response_validation=True)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                           _strict_response_validation=True)
     browser.get(srv.url + "/")
     assert "qwen2" in browser.title and browser.find_element(By.ID, "model").text == "tiny"
     for field, value in (("temperature", "0"), ("max-tokens", "24")):
@@ -54,8 +55,13 @@ def test_chat_page_streams_the_same_reply_as_the_api(start_server, browser):
         browser.find_element(By.ID, "input").send_keys(text)
         browser.find_element(By.ID, "send").click()
         wait = WebDriverWait(browser, 180, poll_frequency=0.1)  # bounded; generous for a busy machine
-        reply = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[len(history) // 2:] or None)[0]
-        wait.until(lambda d: reply.get_attribute("data-done") == "true")
+        seen = len(history) // 2  # replies already on the page
+
+        def new_replies(d, seen=seen):
+            return d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[seen:] or None
+
+        reply = wait.until(new_replies)[0]
+        wait.until(lambda d, reply=reply: reply.get_attribute("data-done") == "true")
         history += [{"role": "user", "content": text}]
         want = client.chat.completions.create(model="tiny", messages=history, max_tokens=24, temperature=0)
         assert reply.get_property("textContent") == want.choices[0].message.content

@@ -9,22 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2.tokenizer.chat import encode_chat
 from qwen2.config import ModelConfig
 from qwen2.generation import generate
 from qwen2.model import build_model
+from qwen2.tokenizer.chat import encode_chat
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "Current weather in a city",
+                       "parameters": CITY}}]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
 @pytest.fixture(scope="module")
 def srv(start_server):
-    from qwen2.tokenizer.bpe import load_tokenizer
-
     probe = start_server()  # only for its tokenizer
     tok = probe.tokenizer
     prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True, tools=TOOLS)[0]
@@ -34,7 +33,7 @@ def srv(start_server):
     ids = torch.tensor([prompt + target])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(400):  # memorise the reply (bounded); stop as soon as greedy decoding reproduces it
-        h = model.hidden_states(ids[:, :-1])[0, len(prompt) - 1 :]  # the 151,936-wide output layer: reply only
+        h = model.hidden_states(ids[:, :-1])[0, len(prompt) - 1 :]  # the 151,936-wide output: reply only
         logits = model.logits(h)
         loss = F.cross_entropy(logits.float(), ids[0, len(prompt) :])
         opt.zero_grad()
@@ -43,18 +42,21 @@ def srv(start_server):
         if loss.item() < 0.05 and logits.argmax(-1).tolist() == target:
             break
     model.eval()
-    got = list(generate(model, prompt, max_new_tokens=len(target) + 4, temperature=0.0, stop_token_ids=[tok.im_end_id]))
+    got = list(generate(model, prompt, max_new_tokens=len(target) + 4, temperature=0.0,
+                        stop_token_ids=[tok.im_end_id]))
     assert got == target, "the tiny model did not learn the reply"
     return start_server(model=model)
 
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60, _strict_response_validation=True)
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60,
+                         _strict_response_validation=True)
 
 
 def test_tool_call_comes_back_in_openai_shape(client):
-    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=64)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0,
+                                       max_tokens=64)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -89,8 +91,10 @@ def test_ignore_eos_generates_through_the_stop_token(client, srv):
     prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True, tools=TOOLS)[0]
     n = len(tok.encode(REPLY)) + 5
     normal = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
-    assert normal.usage.completion_tokens == len(tok.encode(REPLY)) + 1 and normal.choices[0].finish_reason == "stop"
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    assert normal.usage.completion_tokens == len(tok.encode(REPLY)) + 1
+    assert normal.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                  extra_body={"ignore_eos": True})
     want = list(generate(srv.model, prompt, max_new_tokens=n, temperature=0.0))  # no stop tokens at all
     assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
     assert r.choices[0].text == tok.decode(want) and r.choices[0].text.startswith(REPLY + "<|im_end|>")

@@ -1,6 +1,6 @@
-"""POST /v1/chat/completions: messages rendered by qwen2.tokenizer.chat (ChatML; control tokens typed in a message
-stay text), tools in the checkpoint's format (qwen2.tokenizer.tools: hermes by default), replies parsed back
-into OpenAI `tool_calls`, streaming with `stream_options.include_usage`.
+"""POST /v1/chat/completions: messages rendered by qwen2.tokenizer.chat (ChatML; control tokens typed in a
+message stay text), tools in the checkpoint's format (qwen2.tokenizer.tools: hermes by default),
+replies parsed back into OpenAI `tool_calls`, streaming with `stream_options.include_usage`.
 
 Streaming with tools: text before a `<tool_call>` block streams as content; from the block on, the text
 is held until the reply ends, then parsed and sent as one `tool_calls` delta (finish_reason
@@ -10,20 +10,22 @@ is held until the reply ends, then parsed and sent as one `tool_calls` delta (fi
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
-from qwen2.serve.app import new_id, sse, streaming
-from qwen2.serve.choices import Choice, TextStream, chat_logprobs
-from qwen2.serve.protocol import APIError, ChatRequest
+from fastapi import Request
+
+from qwen2.serve.choices import Choice, chat_logprobs
+from qwen2.serve.protocol import DONE, APIError, ChatRequest, new_id, sse, streaming
+from qwen2.serve.server import Server
+from qwen2.tokenizer.chat import encode_chat
+from qwen2.tokenizer.stream import TextStream
+from qwen2.tokenizer.tools import ToolCallParseError, parse_tool_calls
 
 CALL_OPEN = "<tool_call>"
 
 
-def chat_prompt(srv, req: ChatRequest) -> tuple[list[int], bool]:
+def chat_prompt(srv: Server, req: ChatRequest) -> tuple[list[int], bool]:
     """(prompt ids, tools on) for a request; bad messages or tools -> 400 naming the field."""
-    from qwen2.tokenizer.chat import encode_chat
-
     messages = []
     for m in req.messages:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -36,19 +38,15 @@ def chat_prompt(srv, req: ChatRequest) -> tuple[list[int], bool]:
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
-        ids, _ = encode_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools, tool_format=srv.tool_format)
+        ids, _ = encode_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools,
+                             tool_format=srv.tool_format)
     except (ValueError, TypeError) as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
-    if len(ids) >= srv.max_model_len:
-        raise APIError(400, f"the conversation has {len(ids)} tokens; this model's context is {srv.max_model_len}",
-                       param="messages", code="context_length_exceeded")
     return ids, tools is not None
 
 
-def split_tool_calls(srv, text: str) -> tuple[str | None, list[dict]]:
+def split_tool_calls(srv: Server, text: str) -> tuple[str | None, list[dict]]:
     """Generated text -> (content, OpenAI tool_calls); text that does not parse stays content."""
-    from qwen2.tokenizer.tools import ToolCallParseError, parse_tool_calls
-
     try:
         content, calls = parse_tool_calls(text, srv.tool_format)
     except ToolCallParseError:
@@ -56,14 +54,15 @@ def split_tool_calls(srv, text: str) -> tuple[str | None, list[dict]]:
     return (content or None), [dict(c.to_dict(), id=new_id("call")) for c in calls]
 
 
-async def chat_completions(srv, req: ChatRequest, request):
+async def chat_completions(srv: Server, req: ChatRequest, request: Request):
     srv.check_model(req.model)
     stops = req.stops()
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     prompt, tools_on = chat_prompt(srv, req)
-    asked, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens else (req.max_tokens, "max_tokens")
-    max_tokens = srv.max_tokens(len(prompt), asked, param)
+    asked, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                    else (req.max_tokens, "max_tokens"))
+    max_tokens = srv.check_prompt(prompt, asked, param="messages", budget=param)
     k = (req.top_logprobs or 0) if req.logprobs else None
     choices = [Choice(i, prompt, TextStream(srv.tokenizer, stops), srv.stop_ids) for i in range(req.n)]
     queue: asyncio.Queue = asyncio.Queue()
@@ -92,19 +91,20 @@ async def chat_completions(srv, req: ChatRequest, request):
 
     def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
         out = dict(head, object="chat.completion.chunk",
-                   choices=[{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+                   choices=[{"index": index, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": finish_reason}])
         if include_usage:
             out["usage"] = None
         return sse(out)
 
     async def events():
-        sent = {c.index: 0 for c in choices}  # characters of c.stream.text sent as content
+        sent = {c.index: 0 for c in choices}  # characters of c.stream.text (released, final text) sent
         sent_lp = {c.index: 0 for c in choices}
         for c in choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
         async for c in srv.run(choices, queue, None):
             text = c.stream.text
-            upto = len(text) if c.done or c.stream.stopped else max(sent[c.index], len(text) - c.stream.hold)
+            upto = len(text)
             if tools_on:  # hold everything from a (possibly partial) <tool_call> on
                 at = text.find(CALL_OPEN)
                 if at < 0 and not c.done:
@@ -123,12 +123,14 @@ async def chat_completions(srv, req: ChatRequest, request):
             if c.done:
                 content, calls, reason = finish(c)
                 if calls:
-                    yield chunk(c.index, {"tool_calls": [dict(call, index=j) for j, call in enumerate(calls)]})
+                    deltas = [dict(call, index=j) for j, call in enumerate(calls)]
+                    yield chunk(c.index, {"tool_calls": deltas})
                 elif sent[c.index] < len(text):
                     yield chunk(c.index, {"content": text[sent[c.index]:]})
                 yield chunk(c.index, {}, finish_reason=reason)
         if include_usage:
-            yield sse(dict(head, object="chat.completion.chunk", choices=[], usage=srv.usage([prompt], choices)))
-        yield "data: [DONE]\n\n"
+            usage = srv.usage([prompt], choices)
+            yield sse(dict(head, object="chat.completion.chunk", choices=[], usage=usage))
+        yield DONE
 
     return streaming(events())

@@ -1,17 +1,18 @@
 """One choice of a request as it streams out of the engine: detokenization, stop strings, logprobs.
 
-Stop strings: text that could still grow into a stop string is held back from the stream, so a client
-never sees part of a stop string; once one appears, the text is cut before it, the request is aborted
-(its cache freed) and finish_reason is "stop". A stop *token* (<|im_end|>, <|endoftext|>) is counted
-in usage but never shown as text.
+Text goes through qwen2.tokenizer.stream.TextStream (the one streaming decoder generation shares):
+text that could still grow into a stop string is held back, so a client never sees part of a stop
+string; once one appears, the text is cut before it, the request is aborted (its cache freed) and
+finish_reason is "stop". A stop *token* (<|im_end|>, <|endoftext|>) is counted in usage but never
+shown as text, nor is a token past the tokenizer (a padded embedding row).
 """
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field
 
 from qwen2.engine.engine import StepOutput, TokenLogprob
+from qwen2.tokenizer.stream import TextStream
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:
@@ -24,34 +25,6 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
 
 def token_str(tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
-
-
-class TextStream:
-    """Incremental UTF-8 decode of generated tokens with stop-string detection and hold-back."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def feed(self, token_id: int | None, final: bool = False) -> None:
-        if self.stopped:
-            return
-        start = max(0, len(self.text) - self.hold)
-        if token_id is not None:
-            self.text += self._utf8.decode(token_bytes(self.tokenizer, token_id))
-        if final:
-            self.text += self._utf8.decode(b"", final=True)
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-
-    def delta(self, final: bool) -> str:
-        """Text not yet sent that can no longer turn into a stop string."""
-        upto = len(self.text) if (final or self.stopped) else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent : upto], upto
-        return out
 
 
 @dataclass
@@ -81,7 +54,10 @@ class Choice:
             if out.logprobs:
                 self.logprobs.append(out.logprobs[i])
             shown = None if (t in self.stop_token_ids and out.finish_reason == "stop") else t
-            self.stream.feed(shown, final=out.finished)
+            try:
+                self.stream.feed(shown, final=out.finished)
+            except ValueError:  # an id past the tokenizer (a padded embedding row): no text
+                self.stream.feed(None, final=out.finished)
             if self.stream.stopped:
                 self.finish_reason = "stop"
                 return
@@ -105,7 +81,8 @@ def chat_logprobs(tokenizer, lps: list[TokenLogprob], k: int) -> dict:
         b = token_bytes(tokenizer, t)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
 
-    content = [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top[:k]]) for lp in lps]
+    content = [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top[:k]])
+               for lp in lps]
     return {"content": content, "refusal": None}
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from qwen2.serve.app import new_id, sse, streaming
-from qwen2.serve.choices import Choice, TextStream, completion_logprobs
-from qwen2.serve.protocol import APIError, CompletionRequest
+from fastapi import Request
+
+from qwen2.serve.choices import Choice, completion_logprobs
+from qwen2.serve.protocol import DONE, APIError, CompletionRequest, new_id, sse, streaming
+from qwen2.serve.server import Server
+from qwen2.tokenizer.stream import TextStream
 
 
-def prompt_ids(srv, prompt) -> list[list[int]]:
-    """The four prompt shapes -> one list of ids per prompt (ids checked against the vocabulary)."""
+def prompt_ids(srv: Server, prompt) -> list[list[int]]:
+    """The four prompt shapes -> one list of ids per prompt (Server.check_prompt checks them)."""
     if isinstance(prompt, str):
         prompts = [srv.tokenizer.encode(prompt)]
     elif prompt and isinstance(prompt[0], str):
@@ -28,33 +31,27 @@ def prompt_ids(srv, prompt) -> list[list[int]]:
         prompts = [list(prompt)]
     if not prompts:
         raise APIError(400, "prompt: give at least one prompt", param="prompt", code="invalid_value")
-    for i, p in enumerate(prompts):
-        srv.check_ids(p, "prompt" if len(prompts) == 1 else f"prompt.{i}")
     return prompts
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    from qwen2.serve.choices import token_bytes
-
-    return b"".join(token_bytes(tokenizer, t) for t in ids).decode("utf-8", errors="replace")
-
-
-async def completions(srv, req: CompletionRequest, request):
+async def completions(srv: Server, req: CompletionRequest, request: Request):
     srv.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported")
     stops = req.stops()
     prompts = prompt_ids(srv, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    for p in prompts:
-        srv.max_tokens(len(p), max_tokens, "max_tokens")
+    for i, p in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        srv.check_prompt(p, max_tokens, param=name, budget="max_tokens")
     echo_lp = req.echo and req.logprobs is not None
     choices = [Choice(i * req.n + j, p, TextStream(srv.tokenizer, stops), srv.stop_ids)
                for i, p in enumerate(prompts) for j in range(req.n)]
     queue: asyncio.Queue = asyncio.Queue()
-    srv.start(choices, queue, req, max_tokens, logprobs=req.logprobs, prompt_logprobs=req.logprobs if echo_lp else None)
+    srv.start(choices, queue, req, max_tokens, logprobs=req.logprobs,
+              prompt_logprobs=req.logprobs if echo_lp else None)
     rid, created = new_id("cmpl"), int(time.time())
-    echoed = {c.index: _decode(srv.tokenizer, c.prompt) if req.echo else "" for c in choices}
+    echoed = {c.index: srv.tokenizer.decode(c.prompt) if req.echo else "" for c in choices}  # ids checked
 
     def logprobs(c: Choice, start: int, end: int, text_start: int, with_prompt: bool):
         if req.logprobs is None:
@@ -73,7 +70,7 @@ async def completions(srv, req: CompletionRequest, request):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events():
-        echo_due = {c.index for c in choices} if req.echo else set()  # the echo goes out with the first output
+        echo_due = {c.index for c in choices} if req.echo else set()  # sent with the first output
         sent_lp = {c.index: 0 for c in choices}
         offset = {c.index: 0 for c in choices}
         async for c in srv.run(choices, queue, None):
@@ -86,13 +83,14 @@ async def completions(srv, req: CompletionRequest, request):
             offset[c.index] += len(text)
             if text or c.done or (lp and lp["tokens"]):
                 out = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-                       "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}]}
+                       "choices": [{"index": c.index, "text": text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason}]}
                 if include_usage:
                     out["usage"] = None
                 yield sse(out)
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
                        "choices": [], "usage": srv.usage(prompts, choices)})
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return streaming(events())

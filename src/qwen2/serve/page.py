@@ -13,7 +13,8 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>qwen2 chat</title>
 <style>
-  body { font: 15px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 0 auto; padding: 1rem; color: #222; }
+  body { font: 15px/1.45 system-ui, sans-serif; max-width: 46rem; margin: 0 auto; padding: 1rem;
+         color: #222; }
   header { display: flex; gap: .5rem; align-items: baseline; }
   header h1 { font-size: 1.1rem; margin: 0 auto 0 0; }
   #log { border: 1px solid #ccc; border-radius: 6px; min-height: 20rem; padding: .5rem; overflow-y: auto; }

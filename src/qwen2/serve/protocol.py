@@ -1,4 +1,5 @@
-"""The OpenAI request schema, strict JSON parsing, and errors in OpenAI's body.
+"""The OpenAI wire format: the request schema, strict JSON parsing, errors in OpenAI's body, and
+server-sent events (the `stream: true` responses).
 
 Reference: the OpenAI API reference for /v1/chat/completions and /v1/completions (the legacy one:
 `echo` + `logprobs` let lm-evaluation-harness score log-likelihoods). Departures: `logprobs` /
@@ -8,14 +9,19 @@ clients that send extras still work; `ignore_eos` (vLLM's extension, sent with t
 
 Every bad request becomes an `APIError`, which the app turns into a 4xx with
 `{"error": {"message", "type", "param", "code"}}`: never FastAPI's 422 shape, never a 500.
+
+A stream is `data: <json>\n\n` events ended by `data: [DONE]\n\n`, as OpenAI sends them (the `openai`
+client reads exactly this).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from typing import Any, Literal
 
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -69,7 +75,8 @@ def parse_json(raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
     except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}",
+                       code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     _check_strings(obj)
@@ -188,3 +195,22 @@ def validate(model: type[BaseModel], body: dict) -> Any:
         param = _param(err["loc"])
         raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param, code=err["type"]) from None
     return req
+
+
+# ---- server-sent events -------------------------------------------------------------------------
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> str:
+    """One event; ensure_ascii=False keeps the text as the model wrote it (UTF-8 on the wire)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def streaming(events) -> StreamingResponse:
+    """An async iterator of `sse(...)` strings as a text/event-stream response (no proxy caching)."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style id: chatcmpl-..., cmpl-..., call-..."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
