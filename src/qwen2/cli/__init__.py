@@ -2,14 +2,19 @@
 
 Each subcommand lives in its own `_add_<name>` function that registers a parser and sets
 `func`, a callable taking the parsed namespace. Imports of heavy modules happen inside `func`,
-so `qwen2 --help` is instant. Errors a user can fix (`UserError`, `FileNotFoundError`,
-`ValueError` from our checks) print one line and exit 2, never a traceback.
+so `qwen2 --help` is instant. Errors a user can fix (`FileNotFoundError`, `ValueError` from our
+checks, a missing optional dependency: `qwen2.extras.MissingExtra`) print one line and exit 2, never
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from qwen2.cli.eval import add_parser as _add_eval
+from qwen2.cli.upcycle import add_parser as _add_upcycle
+from qwen2.extras import MissingExtra
 
 
 def _add_info(sub):
@@ -172,7 +177,8 @@ def _add_speedrun(sub):
 
 
 # Registered subcommands, in the order `--help` lists them. Add yours here.
-COMMANDS = [_add_info, _add_generate, _add_chat, _add_quantize, _add_serve, _add_tokenizer, _add_pretrain, _add_speedrun]
+COMMANDS = [_add_info, _add_generate, _add_chat, _add_quantize, _add_serve, _add_tokenizer, _add_pretrain, _add_speedrun,
+            _add_upcycle, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, MissingExtra) as e:
         print(f"qwen2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
