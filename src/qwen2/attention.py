@@ -10,6 +10,10 @@ paged cache in engine/paged_cache.py both implement them):
     cache.update(layer_idx, k, v, view) -> (k_all [B, Hkv, S, d], v_all [B, Hkv, S, d])
 and the layer attends with `view.mask`. The view is returned, never left on the cache, so nothing
 about one forward is state a later call has to find.
+
+`dual_chunk_attend` is Dual Chunk Attention (paper 2.2.2, SPEC 3), chosen by the config's
+`dual_chunk_attention_config`: three rotated query copies against keys rotated at p mod (C - W), merged
+by their log-sum-exps, one query block at a time.
 """
 
 from __future__ import annotations
@@ -56,3 +60,56 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+
+
+# ---- Dual Chunk Attention (paper 2.2.2; SPEC 3) --------------------------------------------------------
+def dual_chunk_attend(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, positions: torch.Tensor, chunk_len: int, *,
+                      scale: float | torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                      block: int = 1024) -> torch.Tensor:
+    """Dual Chunk Attention over keys at absolute positions 0..S-1 (slot j holds position j).
+
+    q_intra / q_succ / q_inter [B, Hq, T, d]: the queries rotated at the three positions of
+    rope.dual_chunk_positions; k [B, Hkv, S, d] rotated at `p mod chunk_len`; v [B, Hkv, S, d];
+    positions [B, T] the queries' absolute positions; valid [B, S] bool (False: an unwritten slot) or None;
+    scale: the score scale (default d^-0.5), a float or one per row [B] (YaRN's temperature per sequence).
+    A query at p in chunk c = p // chunk_len attends to (SPEC 3.2)
+      intra: keys of chunk c up to p (causal), scored with q_intra;
+      succ:  keys of chunk c - 1, scored with q_succ;
+      inter: keys of chunks < c - 1, scored with q_inter;
+    each part's softmax output and log-sum-exp in fp32, merged by their log-sum-exps (= one softmax over the
+    three parts' scores). Queries are taken `block` at a time against the keys up to the block's furthest
+    position, so no score matrix is larger than [block, S]. Returns [B, Hq, T, d] in q's dtype.
+    """
+    b, hq, t, d = q_intra.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    if isinstance(scale, torch.Tensor):
+        scale = scale.view(b, 1, 1, 1)
+    c_k = torch.arange(k.shape[2], device=k.device) // chunk_len  # [S]
+    acc = torch.promote_types(q_intra.dtype, torch.float32)  # fp32 scores and merge (fp64 stays fp64)
+    out = torch.empty(b, hq, t, v.shape[-1], dtype=acc, device=q_intra.device)
+    for s in range(0, t, block):
+        e = min(t, s + block)
+        pos = positions[:, s:e]  # [B, n]
+        n_keys = int(pos.max()) + 1
+        kb, vb = k[:, :, :n_keys].to(acc), v[:, :, :n_keys].to(acc)[:, :, None]
+        c_q = (pos // chunk_len)[:, :, None]  # [B, n, 1]
+        ck, j = c_k[:n_keys], torch.arange(n_keys, device=k.device)
+        masks = ((ck == c_q) & (j <= pos[:, :, None]), ck == c_q - 1, ck < c_q - 1)  # each [B, n, S]
+        if valid is not None:
+            masks = tuple(m & valid[:, None, :n_keys] for m in masks)
+        parts = []
+        for q, m in zip((q_intra, q_succ, q_inter), masks):
+            qg = q[:, :, s:e].reshape(b, hkv, g * (e - s), d)  # query head h reads KV head h // g
+            sc = (torch.matmul(qg.to(acc), kb.transpose(-1, -2)) * scale).view(b, hkv, g, e - s, n_keys)
+            sc = sc.masked_fill(~m[:, None, None], float("-inf"))
+            lse = torch.logsumexp(sc, dim=-1, keepdim=True)  # [B, Hkv, G, n, 1]; -inf where the part is empty
+            p = torch.exp(sc - lse.clamp_min(torch.finfo(acc).min))
+            parts.append((torch.matmul(p, vb), lse))
+        lse = torch.cat([lse for _, lse in parts], dim=-1)  # [B, Hkv, G, n, 3]
+        w = torch.softmax(lse, dim=-1).nan_to_num(0.0)  # each part's share of the whole softmax
+        merged = sum(o * w[..., r : r + 1] for r, (o, _) in enumerate(parts))
+        out[:, :, s:e] = merged.reshape(b, hq, e - s, -1)
+    return out.to(q_intra.dtype)

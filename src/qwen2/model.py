@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2.attention import attend
+from qwen2.attention import attend, dual_chunk_attend
 from qwen2.config import ModelConfig
-from qwen2.rope import Rope, apply_rotary
+from qwen2.rope import Rope, apply_rotary, dual_chunk_positions, dual_chunk_temperature
 
 
 class RMSNorm(nn.Module):
@@ -104,7 +104,8 @@ class SparseMoeBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA with q/k/v bias (SPEC 2.4). `rotary` and `attend` are the two calls a kernel layer may replace."""
+    """GQA with q/k/v bias (SPEC 2.4). `rotary` and `attend` are the two calls a kernel layer may replace.
+    With the config's `dual_chunk_attention_config`, Dual Chunk Attention (SPEC 3) instead."""
 
     rotary = staticmethod(apply_rotary)
     attend = staticmethod(attend)
@@ -118,17 +119,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.dual_chunk = config.dual_chunk_attention_config
 
     def forward(self, x, cos, sin, positions, cache=None, view=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if self.dual_chunk is not None:
+            out = self.dual_chunk_attention(q, k, v, cos, sin, positions, cache, view)
+        else:
+            q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, view)
+            out = self.attend(q, k, v, view.mask if view is not None else None)  # [B, Hq, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def dual_chunk_attention(self, q, k, v, cos, sin, positions, cache, view):
+        """cos, sin [3, B, T, d]: the tables at the key (= intra), successive and inter positions of
+        rope.dual_chunk_positions. YaRN's temperature s(L) (SPEC 3.3), L = the row's furthest position + 1,
+        scales the keys as they are cached and this call's scores: s(L)^2 on new keys, s(now) * s(then) on
+        cached ones, as vLLM's DCA backend does. Key slot j must hold position j (both caches do)."""
+        c, w = self.dual_chunk["chunk_size"], self.dual_chunk["local_size"]
+        l0 = self.dual_chunk.get("original_max_position_embeddings") or 0
+        lengths = (positions.max(dim=1).values + 1).tolist()
+        s = torch.tensor([dual_chunk_temperature(n, l0) for n in lengths], dtype=torch.float32, device=q.device)
+        k = self.rotary(k, cos[0], sin[0])
+        if bool((s != 1).any()):
+            k = (k * s.view(-1, 1, 1, 1)).to(k.dtype)
+        qs = [self.rotary(q, cos[i], sin[i]) for i in range(3)]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, view)
-        out = self.attend(q, k, v, view.mask if view is not None else None)  # [B, Hq, T, d]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return dual_chunk_attend(*qs, k, v, positions, c - w, scale=s * self.head_dim**-0.5)
 
 
 class DecoderLayer(nn.Module):
@@ -186,7 +208,13 @@ class Qwen2(nn.Module):
         elif positions.dim() == 1:
             positions = positions.expand(b, t)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        if self.config.dual_chunk_attention_config is None:
+            cos, sin = self.rope.cos_sin(positions, x.dtype)
+        else:  # DCA: plain RoPE at the remapped key / successive / inter positions, stacked [3, B, T, d]
+            dca = self.config.dual_chunk_attention_config
+            key, _, succ, inter = dual_chunk_positions(positions, dca["chunk_size"], dca["local_size"])
+            tables = [self.rope.cos_sin(p, x.dtype) for p in (key, succ, inter)]
+            cos, sin = torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
         view = cache.view(positions) if cache is not None else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, cache, view, router_logits)

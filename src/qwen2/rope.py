@@ -85,6 +85,8 @@ class Rope:
     .to(dtype) leaves the fp32 frequencies alone; a new config (a new RoPE base) means a new Rope."""
 
     def __init__(self, config: ModelConfig):
+        if config.dual_chunk_attention_config is not None:  # DCA rotates with plain RoPE: it takes priority
+            config = config.replace(rope_scaling=None)       # over rope_scaling, as in vLLM (SPEC 3.2-3.3)
         self.config = config
         rs = config.rope_scaling or {}
         self.dynamic = config.rope_type == "yarn" and bool(rs.get("dynamic"))
