@@ -27,7 +27,7 @@ def reference_batches(tokens: np.ndarray, seq_len: int, batch: int, n: int, seed
     rng = np.random.default_rng(seed)
     for _ in range(n):
         ix = rng.integers(0, len(tokens) - seq_len - 1, batch)
-        yield torch.from_numpy(np.stack([tokens[i: i + seq_len + 1].astype(np.int64) for i in ix]))
+        yield torch.from_numpy(np.stack([tokens[i : i + seq_len + 1].astype(np.int64) for i in ix]))
 
 
 def main():
@@ -37,7 +37,9 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--quick", action="store_true", help="smoke run: every 20th default-corpus file, 200 batches")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: every 20th default-corpus file, 200 batches"
+    )
     a = p.parse_args()
     tok = load_tokenizer(a.tokenizer)
     if a.quick:
@@ -52,14 +54,18 @@ def main():
         seconds = time.perf_counter() - t0
         total = report["total"]
         mb = total["read"]["bytes"] / 1e6
-        print(f"prepare_corpus: {total['read']['files']} files, {total['read']['docs']} docs, {mb:.1f} MB in "
-              f"{seconds:.1f} s ({mb / seconds:.2f} MB/s); kept {total['kept']['docs']} docs, "
-              f"{total['kept']['bytes'] / 1e6:.1f} MB, {total['kept']['tokens']:,} tokens\n")
+        print(
+            f"prepare_corpus: {total['read']['files']} files, {total['read']['docs']} docs, {mb:.1f} MB in "
+            f"{seconds:.1f} s ({mb / seconds:.2f} MB/s); kept {total['kept']['docs']} docs, "
+            f"{total['kept']['bytes'] / 1e6:.1f} MB, {total['kept']['tokens']:,} tokens\n"
+        )
         print("| step | docs in | docs dropped | MB dropped | % of bytes dropped |")
         print("|---|---:|---:|---:|---:|")
         for r in total["steps"]:
-            print(f"| {r['step']} | {r['docs_in']} | {r['docs_dropped']} | {r['bytes_dropped'] / 1e6:.2f} | "
-                  f"{100 * r['bytes_dropped'] / total['read']['bytes']:.1f} |")
+            print(
+                f"| {r['step']} | {r['docs_in']} | {r['docs_dropped']} | {r['bytes_dropped'] / 1e6:.2f} | "
+                f"{100 * r['bytes_dropped'] / total['read']['bytes']:.1f} |"
+            )
 
         shards = next(iter(report["sources"].values()))["dir"]
         from qwen2.data import ShardSet

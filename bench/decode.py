@@ -21,7 +21,8 @@ ids that text uses (the real tokenizer's, renumbered), evaluated on other stdlib
 Each side (ours per dtype, transformers per dtype, int8, int4) takes --rounds turns in alternation and
 keeps its best, so a burst of load on a shared machine does not land on one side only.
 
-    .venv/bin/python bench/decode.py [--tokens 64] [--prompt 512] [--rounds 3] [--threads N] [--compile] [--steps 300]
+    .venv/bin/python bench/decode.py [--tokens 64] [--prompt 512] [--rounds 3] [--threads N]
+                                     [--compile] [--steps 300]
     .venv/bin/python bench/decode.py --quick     # a smoke run: 2 layers, small counts, one round
 """
 
@@ -38,14 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
-
-from qwen2.kernels import install  # noqa: E402
-from qwen2.kernels import ops as cpu_kernels  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generation import KVCache, generate, prefill  # noqa: E402
+from qwen2.kernels import install  # noqa: E402
+from qwen2.kernels import ops as cpu_kernels  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.quantize import (Int4Linear, quantize_int4, quantize_int8, quantize_model,  # noqa: E402
-                            weight_bytes_per_token)
+from qwen2.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, weight_bytes_per_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +95,9 @@ def hf_speed(hf, prompt: list[int], n: int, repeat: int) -> tuple[float, float]:
     with torch.inference_mode():
         hf.generate(x[:, :8], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         pre = timeit(lambda: hf(x, use_cache=True).logits, repeat=repeat)
-        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw)
+        out = hf.generate(
+            x, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kw
+        )
     assert out.shape[1] == len(prompt) + n and len(clock.times) == n
     return len(prompt) / pre, (n - 1) / (clock.times[-1] - clock.times[0])
 
@@ -114,17 +115,29 @@ def speed_rows(args) -> list[dict]:
         model = install(build_model(config, dtype=dtype).eval())  # the kernels, as load_model gives them
         sides = {name: (model, False), f"{name} transformers": (hf_twin(model), True)}
         if dtype == torch.bfloat16:
-            sides.update({f"int{bits} (bf16 act.)": (install(quantize_model(copy.deepcopy(model), bits=bits)), False)
-                          for bits in (8, 4)})
+            sides.update(
+                {
+                    f"int{bits} (bf16 act.)": (
+                        install(quantize_model(copy.deepcopy(model), bits=bits)),
+                        False,
+                    )
+                    for bits in (8, 4)
+                }
+            )
         best = {k: (0.0, 0.0) for k in sides}
-        for r in range(args.rounds):  # the sides take turns, and each keeps its best round: noise hits all alike
+        for r in range(
+            args.rounds
+        ):  # the sides take turns, and each keeps its best round: noise hits all alike
             bw = max(bw, bandwidth(gib))
             for k, (m, is_hf) in sides.items():
                 print(f"round {r + 1}/{args.rounds}: {k} ...", flush=True)
                 if is_hf:
                     pre, dec = hf_speed(m, prompt, args.tokens, args.repeat)
                 else:
-                    pre, dec = ours_prefill(m, prompt, args.repeat), ours_decode(m, prompt, args.tokens, args.compile)
+                    pre, dec = (
+                        ours_prefill(m, prompt, args.repeat),
+                        ours_decode(m, prompt, args.tokens, args.compile),
+                    )
                 best[k] = (max(best[k][0], pre), max(best[k][1], dec))
         (pre, dec), (hf_pre, hf_dec) = best[name], best[f"{name} transformers"]
         found.append((name, pre, hf_pre, dec, hf_dec, weight_bytes_per_token(model), None))
@@ -135,17 +148,23 @@ def speed_rows(args) -> list[dict]:
                 found.append((k, pre, None, dec, None, nbytes, dec / ours_bf16))
         del model, sides
     print(f"memory read bandwidth (best sum over a {gib:g} GiB tensor): {bw / 1e9:.1f} GB/s")
-    return [row(name, pre, hf_pre, dec, hf_dec, bw / nbytes, vs) for name, pre, hf_pre, dec, hf_dec, nbytes, vs in found]
+    return [
+        row(name, pre, hf_pre, dec, hf_dec, bw / nbytes, vs)
+        for name, pre, hf_pre, dec, hf_dec, nbytes, vs in found
+    ]
 
 
 def row(name, pre, hf_pre, dec, hf_dec, roof, vs_bf16=None) -> dict:
     return {
         "weights": name,
-        "prefill ours": f"{pre:.0f}", "prefill hf": f"{hf_pre:.0f}" if hf_pre else "-",
+        "prefill ours": f"{pre:.0f}",
+        "prefill hf": f"{hf_pre:.0f}" if hf_pre else "-",
         "prefill ratio": f"{pre / hf_pre:.2f}x" if hf_pre else "-",
-        "decode ours": f"{dec:.2f}", "decode hf": f"{hf_dec:.2f}" if hf_dec else "-",
+        "decode ours": f"{dec:.2f}",
+        "decode hf": f"{hf_dec:.2f}" if hf_dec else "-",
         "decode ratio": f"{dec / hf_dec:.2f}x" if hf_dec else "-",
-        "roofline tok/s": f"{roof:.2f}", "% of roofline": f"{100 * dec / roof:.0f}%",
+        "roofline tok/s": f"{roof:.2f}",
+        "% of roofline": f"{100 * dec / roof:.0f}%",
         "vs our bf16": f"{vs_bf16:.2f}x" if vs_bf16 else "-",
     }
 
@@ -171,16 +190,26 @@ def gemv_rows(args) -> list[dict]:
         q4.append(layer)
     on = cpu_kernels.usable(xs[h])
     sides = {
-        "bf16": (sum(w.numel() * 2 for w in weights),
-                 lambda: [cpu_kernels.gemv_bf16(xs[w.shape[1]], w) for w in weights],
-                 lambda: [torch.mv(w, xs[w.shape[1]][0]) for w in weights]),
-        "int8": (sum(q.numel() for q, _ in q8),
-                 lambda: [cpu_kernels.gemv_int8(xs[q.shape[1]], q, s) for q, s in q8],
-                 lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in q8]),
-        "int4 g128": (sum(m.weight.numel() for m in q4),
-                      lambda: [cpu_kernels.gemv_int4(xs[m.in_features], m.weight, m.scales, m.zeros, 128) for m in q4],
-                      lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[m.in_features], m.packed, 128,
-                                                                          m.scales_and_zeros) for m in q4]),
+        "bf16": (
+            sum(w.numel() * 2 for w in weights),
+            lambda: [cpu_kernels.gemv_bf16(xs[w.shape[1]], w) for w in weights],
+            lambda: [torch.mv(w, xs[w.shape[1]][0]) for w in weights],
+        ),
+        "int8": (
+            sum(q.numel() for q, _ in q8),
+            lambda: [cpu_kernels.gemv_int8(xs[q.shape[1]], q, s) for q, s in q8],
+            lambda: [torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in q8],
+        ),
+        "int4 g128": (
+            sum(m.weight.numel() for m in q4),
+            lambda: [cpu_kernels.gemv_int4(xs[m.in_features], m.weight, m.scales, m.zeros, 128) for m in q4],
+            lambda: [
+                torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xs[m.in_features], m.packed, 128, m.scales_and_zeros
+                )
+                for m in q4
+            ],
+        ),
     }
     best = {}
     with torch.no_grad():
@@ -195,10 +224,16 @@ def gemv_rows(args) -> list[dict]:
                     best[name, who] = max(best.get((name, who), 0.0), nbytes / (time.perf_counter() - t0))
     bw = bandwidth(0.25 if args.quick else 1.0)
     print(f"one-row products over {layers} layers' weights; memory read bandwidth {bw / 1e9:.1f} GB/s")
-    return [{"weights": name, "ours GB/s": f"{best[name, 'ours'] / 1e9:.1f}" if on else "-",
-             "torch GB/s": f"{best[name, 'torch'] / 1e9:.1f}",
-             "ratio": f"{best[name, 'ours'] / best[name, 'torch']:.2f}x" if on else "-",
-             "ours % of bandwidth": f"{100 * best[name, 'ours'] / bw:.0f}%" if on else "-"} for name in sides]
+    return [
+        {
+            "weights": name,
+            "ours GB/s": f"{best[name, 'ours'] / 1e9:.1f}" if on else "-",
+            "torch GB/s": f"{best[name, 'torch'] / 1e9:.1f}",
+            "ratio": f"{best[name, 'ours'] / best[name, 'torch']:.2f}x" if on else "-",
+            "ours % of bandwidth": f"{100 * best[name, 'ours'] / bw:.0f}%" if on else "-",
+        }
+        for name in sides
+    ]
 
 
 # ---- perplexity -------------------------------------------------------------------------------------
@@ -215,13 +250,21 @@ def stdlib_ids(tokenizer_dir: Path, chars: int) -> tuple[torch.Tensor, torch.Ten
     train_text, held_text = "\n".join(train)[:chars], "\n".join(held)[: chars // 8]
     a, b = torch.tensor(tok.encode(train_text)), torch.tensor(tok.encode(held_text))
     vocab, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
-    return inverse[: len(a)], inverse[len(a):], len(vocab)
+    return inverse[: len(a)], inverse[len(a) :], len(vocab)
 
 
 def trained_model(train: torch.Tensor, vocab: int, steps: int, seq: int = 128, batch: int = 16):
-    config = ModelConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, torch_dtype="float32")
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
     model = build_model(config, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
@@ -237,7 +280,9 @@ def trained_model(train: torch.Tensor, vocab: int, steps: int, seq: int = 128, b
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True
+            )
     return model.eval()
 
 
@@ -248,15 +293,19 @@ def perplexity(model, ids: torch.Tensor, seq: int = 256, batch: int = 8) -> floa
     total = 0.0
     for i in range(0, n, batch):
         logits = model(inputs[i : i + batch]).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[i : i + batch].flatten(),
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets[i : i + batch].flatten(), reduction="sum"
+        ).item()
     return math.exp(total / targets.numel())
 
 
 def ppl_rows(args) -> list[dict]:
     train, held, vocab = stdlib_ids("Qwen2", 300_000 if args.quick else 2_000_000)
-    print(f"perplexity: training a small Qwen2 on {len(train)} stdlib tokens ({vocab} distinct ids), "
-          f"{len(held)} held out", flush=True)
+    print(
+        f"perplexity: training a small Qwen2 on {len(train)} stdlib tokens ({vocab} distinct ids), "
+        f"{len(held)} held out",
+        flush=True,
+    )
     model = trained_model(train, vocab, args.steps)
     base = model.to(torch.bfloat16)
     ref = perplexity(base, held)
@@ -264,8 +313,13 @@ def ppl_rows(args) -> list[dict]:
     for bits, group in ((8, None), (4, 128), (4, 32)):
         q = quantize_model(copy.deepcopy(base), bits=bits, group_size=group or 128)
         p = perplexity(q, held)
-        rows.append({"weights": f"int{bits}" + (f" g{group}" if group else ""), "held-out perplexity": f"{p:.3f}",
-                     "change": f"{100 * (p / ref - 1):+.2f}%"})
+        rows.append(
+            {
+                "weights": f"int{bits}" + (f" g{group}" if group else ""),
+                "held-out perplexity": f"{p:.3f}",
+                "change": f"{100 * (p / ref - 1):+.2f}%",
+            }
+        )
     print(f"(a uniform model's perplexity would be {vocab})")
     return rows
 
@@ -279,16 +333,22 @@ def main():
     ap.add_argument("--steps", type=int, default=300, help="training steps of the perplexity model")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="our decode step compiled with torch.compile")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 2 layers of 0.5B, 8 tokens, 64-token prompt, 20 training steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 layers of 0.5B, 8 tokens, 64-token prompt, 20 training steps",
+    )
     ap.add_argument("--skip-ppl", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.prompt, args.repeat, args.rounds, args.steps = 8, 64, 1, 1, 20
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode of {args.tokens} tokens after a "
-          f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"decode of {args.tokens} tokens after a "
+        f"{args.prompt}-token prompt; tokens/s" + (" (our decode step compiled)" if args.compile else "")
+    )
     print(cpu_kernels.status())
     rows = gemv_rows(args)
     print(table(rows, list(rows[0])))

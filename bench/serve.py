@@ -79,8 +79,15 @@ async def clients(url: str, prompts, max_tokens: int, concurrency: int):
         nonlocal tokens
         while queue:
             i, p = queue.pop(0)
-            body = {"model": "bench", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": "bench",
+                "prompt": p,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            }
             start, first, text = time.perf_counter(), None, ""
             async with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200, await resp.aread()
@@ -113,11 +120,21 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16,64", help="concurrent clients per run")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--min-requests", type=int, default=4, help="requests per level at least (TTFT percentiles)")
+    ap.add_argument(
+        "--min-requests", type=int, default=4, help="requests per level at least (TTFT percentiles)"
+    )
     ap.add_argument("--ref-requests", type=int, default=4, help="requests for the sequential reference")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads, here and in the server (default: torch's); 1 steadies figures on a busy machine")
-    ap.add_argument("--quick", action="store_true", help="smoke run: --preset tiny --prompt-len 16 --max-tokens 32 --levels 1,4,16")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, here and in the server (default: torch's); 1 steadies figures on a busy machine",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --preset tiny --prompt-len 16 --max-tokens 32 --levels 1,4,16",
+    )
     a = ap.parse_args()
     if a.quick:
         a.preset, a.prompt_len, a.max_tokens, a.levels = "tiny", 16, 32, "1,4,16"
@@ -137,16 +154,22 @@ def main() -> None:
     n_req = max(max(levels), a.min_requests)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, tok.n_regular, (a.prompt_len,), generator=g).tolist() for _ in range(n_req)]
-    print(f"model: random {a.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {a.dtype}); "
-          f"prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens each, greedy; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: random {a.preset} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {a.dtype}); "
+        f"prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens each, greedy; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     # The sequential reference runs before the server starts, so no idle server threads compete with it.
     # Warm-up, untimed, at the measured shapes: first calls pay one-off costs (allocations, kernel
     # selection per shape), several times the steady cost for small models.
     reference(model, prompts[:2], a.max_tokens)
     ref_tps, ref_ttft, ref_outs = reference(model, prompts[: a.ref_requests], a.max_tokens)
-    print(f"\nsequential qwen2.generate: {ref_tps:.2f} tok/s, TTFT p50 {pct(ref_ttft, .5) * 1e3:.0f} ms "
-          f"({a.ref_requests} requests)")
+    print(
+        f"\nsequential qwen2.generate: {ref_tps:.2f} tok/s, TTFT p50 {pct(ref_ttft, 0.5) * 1e3:.0f} ms "
+        f"({a.ref_requests} requests)"
+    )
     ref_texts = [tok.decode([t for t in o if t < len(tok)]) for o in ref_outs]  # padded rows show nothing
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,9 +177,22 @@ def main() -> None:
         save_model(model, ckpt)
         save_tokenizer(tok, ckpt)
         port = free_port()
-        cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(ckpt), "--port", str(port),
-               "--served-model-name", "bench", "--max-num-seqs", str(max(levels)),
-               "--max-model-len", str(a.prompt_len + a.max_tokens + 8)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "qwen2.cli",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            "--max-num-seqs",
+            str(max(levels)),
+            "--max-model-len",
+            str(a.prompt_len + a.max_tokens + 8),
+        ]
         log = Path(tmp) / "serve.log"  # a file, not a pipe nobody drains: uvicorn logs every request
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
         try:
@@ -174,15 +210,21 @@ def main() -> None:
                 time.sleep(0.5)
 
             asyncio.run(clients(url, prompts[:4], a.max_tokens, 4))  # the server's warm-up
-            print(f"\n{'clients':>7} {'requests':>8} {'tok/s':>8} {'x seq':>6} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+            print(
+                f"\n{'clients':>7} {'requests':>8} {'tok/s':>8} {'x seq':>6} "
+                f"{'TTFT p50 ms':>12} {'TTFT p99 ms':>12}"
+            )
             ratio = {}
             for c in levels:
                 reqs = prompts[: max(c, a.min_requests)]
                 tps, ttft, texts = asyncio.run(clients(url, reqs, a.max_tokens, c))
                 same = sum(t == r for t, r in zip(texts, ref_texts))
                 ratio[c] = tps / ref_tps
-                print(f"{c:>7} {len(reqs):>8} {tps:>8.2f} {ratio[c]:>6.2f} {pct(ttft, .5) * 1e3:>12.0f} "
-                      f"{pct(ttft, .99) * 1e3:>12.0f}   (outputs equal to generate: {same}/{min(len(texts), len(ref_texts))})")
+                print(
+                    f"{c:>7} {len(reqs):>8} {tps:>8.2f} {ratio[c]:>6.2f} {pct(ttft, 0.5) * 1e3:>12.0f} "
+                    f"{pct(ttft, 0.99) * 1e3:>12.0f}   "
+                    f"(outputs equal to generate: {same}/{min(len(texts), len(ref_texts))})"
+                )
             if 16 in ratio:
                 print(f"\nat 16 clients: {ratio[16]:.2f}x the sequential throughput (target >= 4x)")
         finally:

@@ -22,9 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, timeit  # noqa: E402
-
 from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer, save_tokenizer  # noqa: E402
-
 
 
 def english(mb: float) -> list[str]:
@@ -65,7 +63,10 @@ def chinese(tok, mb: float) -> list[str]:
     weights = [1 / (k + 10) for k in range(len(words))]
     rng, docs, size = random.Random(0), [], 0
     while size < mb * 1e6:
-        sentences = ["".join(rng.choices(words, weights, k=rng.randint(4, 14))) + rng.choice("。，；！？") for _ in range(60)]
+        sentences = [
+            "".join(rng.choices(words, weights, k=rng.randint(4, 14))) + rng.choice("。，；！？")
+            for _ in range(60)
+        ]
         doc = "".join(sentences)
         docs.append(doc)
         size += len(doc.encode())
@@ -84,10 +85,17 @@ def tiktoken_reference(path: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=10.0, help="total text size (split 40%% code, 30%% English, 30%% Chinese)")
+    ap.add_argument(
+        "--mb", type=float, default=10.0, help="total text size (split 40%% code, 30%% English, 30%% Chinese)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (median) per measurement")
-    ap.add_argument("--tokenizer", type=Path, default=None,
-                    help="a Qwen2 tokenizer directory with qwen.tiktoken (default: the built-in one, saved to a temp dir)")
+    ap.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a Qwen2 tokenizer directory with qwen.tiktoken "
+        "(default: the built-in one, saved to a temp dir)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
@@ -114,7 +122,9 @@ def main() -> None:
         ("transformers fast", "batched"): lambda: hf(docs, add_special_tokens=False)["input_ids"],
     }
     first = {key: fn() for key, fn in runs.items()}  # warm-up, and the ids must agree
-    assert all(ids == first[("load_tokenizer", "single")] for ids in first.values()), "implementations disagree"
+    assert all(ids == first[("load_tokenizer", "single")] for ids in first.values()), (
+        "implementations disagree"
+    )
     # Rounds interleave the implementations, so a change in machine load hits all of them alike.
     times = {key: [] for key in runs}
     for _ in range(a.repeat):
@@ -123,11 +133,20 @@ def main() -> None:
     speed = {key: mb / statistics.median(t) for key, t in times.items()}
     rows = []
     for (name, mode), v in speed.items():
-        rows.append({"tokenizer": name, "mode": mode, "MB/s": f"{v:.2f}", "load_tokenizer / this": f"{speed[('load_tokenizer', mode)] / v:.2f}x"})
+        rows.append(
+            {
+                "tokenizer": name,
+                "mode": mode,
+                "MB/s": f"{v:.2f}",
+                "load_tokenizer / this": f"{speed[('load_tokenizer', mode)] / v:.2f}x",
+            }
+        )
     print(table(rows, ["tokenizer", "mode", "MB/s", "load_tokenizer / this"]))
     b = {name: speed[(name, "batched")] for name in ("load_tokenizer", "tiktoken", "transformers fast")}
-    print(f"batched: {b['load_tokenizer'] / b['transformers fast']:.2f}x transformers (target >= 2x), "
-          f"{b['load_tokenizer'] / b['tiktoken']:.2f}x tiktoken (target >= 0.90x)")
+    print(
+        f"batched: {b['load_tokenizer'] / b['transformers fast']:.2f}x transformers (target >= 2x), "
+        f"{b['load_tokenizer'] / b['tiktoken']:.2f}x tiktoken (target >= 0.90x)"
+    )
 
 
 if __name__ == "__main__":

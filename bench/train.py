@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
-
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
 from qwen2.train.loop import TrainConfig, Trainer  # noqa: E402
@@ -40,21 +39,35 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--quick", action="store_true", help="smoke run: --seq 128 --batch 2 --steps 1 --rounds 1")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: --seq 128 --batch 2 --steps 1 --rounds 1"
+    )
     a = ap.parse_args()
     if a.quick:
         a.seq, a.batch, a.steps, a.rounds = 128, 2, 1, 1
 
-    cfg = ModelConfig(vocab_size=a.vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=4096, torch_dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=a.vocab,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        torch_dtype="float32",
+    )
     ours = build_model(cfg, seed=0)
     ref = hf_twin(ours).train()  # same weights (lm_head tied), built before Trainer moves ours to its device
-    trainer = Trainer(ours, TrainConfig(lr=1e-4, warmup_steps=0, grad_clip=1.0), tempfile.mkdtemp(prefix="bench-train-"))
+    trainer = Trainer(
+        ours, TrainConfig(lr=1e-4, warmup_steps=0, grad_clip=1.0), tempfile.mkdtemp(prefix="bench-train-")
+    )
     device = trainer.device
     ref.to(device)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    batch = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
     def sync():
@@ -85,15 +98,29 @@ def main():
         for name, fn in (("ours", step_ours), ("transformers", step_ref)):
             medians[name].append(timeit(fn, warmup=0, repeat=a.steps))
     tokens, fpt, peak = a.batch * a.seq, flops_per_token(cfg, a.seq), peak_flops(device)
-    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"config: hidden 256, 4 layers, vocab {a.vocab}, seq {a.seq}, batch {a.batch}, fp32, {device.type} "
-          f"({threads}); {fpt / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s")
+    threads = (
+        f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    )
+    print(
+        f"config: hidden 256, 4 layers, vocab {a.vocab}, seq {a.seq}, batch {a.batch}, fp32, {device.type} "
+        f"({threads}); {fpt / 1e6:.1f} MFLOP/token; peak {peak / 1e9:.0f} GFLOP/s"
+    )
     rate = {name: tokens / statistics.median(m) for name, m in medians.items()}
-    rows = [{"side": name, "tokens/s": f"{rate[name]:.0f}", "MFU": f"{100 * rate[name] * fpt / peak:.1f}%",
-             "median step s": f"{tokens / rate[name]:.3f}"} for name in rate]
+    rows = [
+        {
+            "side": name,
+            "tokens/s": f"{rate[name]:.0f}",
+            "MFU": f"{100 * rate[name] * fpt / peak:.1f}%",
+            "median step s": f"{tokens / rate[name]:.3f}",
+        }
+        for name in rate
+    ]
     print(table(rows, ["side", "tokens/s", "MFU", "median step s"]))
     print(f"speed-up: {rate['ours'] / rate['transformers']:.2f}x  (target >= 1.3x)")
-    print(f"peak RSS of this process (both sides): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    print(
+        "peak RSS of this process (both sides): "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

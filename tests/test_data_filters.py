@@ -52,10 +52,14 @@ def test_digit_and_symbol_ratios():
 
 
 def test_line_repetition():
-    spam = "\n".join(["Click here to subscribe to our newsletter"] * 10 + [f"line number {i} is unique" for i in range(5)])
+    spam = "\n".join(
+        ["Click here to subscribe to our newsletter"] * 10 + [f"line number {i} is unique" for i in range(5)]
+    )
     assert not LineRepetition()(spam)
     assert LineRepetition()("\n".join(f"line number {i} is unique" for i in range(20)))
-    short_repeats = "\n".join(["else:", "    pass", ")"] * 30 + [f"value_{i} = compute({i})" for i in range(10)])
+    short_repeats = "\n".join(
+        ["else:", "    pass", ")"] * 30 + [f"value_{i} = compute({i})" for i in range(10)]
+    )
     assert LineRepetition()(short_repeats)  # code's short lines do not count
 
 
@@ -65,8 +69,13 @@ def test_ngram_repetition():
 
 
 def test_apply_filters_reports_docs_and_bytes_per_filter():
-    docs = [Doc(PROSE, "good"), Doc("tiny", "short"), Doc("1234 5678 " * 60, "digits"), Doc(CODE, "code"),
-            Doc("ab", "also short")]
+    docs = [
+        Doc(PROSE, "good"),
+        Doc("tiny", "short"),
+        Doc("1234 5678 " * 60, "digits"),
+        Doc(CODE, "code"),
+        Doc("ab", "also short"),
+    ]
     filters = [Length(min_chars=100, min_words=10), DigitRatio()]
     stats = FilterStats(["length", "digit_ratio"])
     kept = list(apply_filters(docs, filters, stats))
@@ -102,7 +111,7 @@ def test_lsh_params():
     b, r = lsh_params(0.8, 128)
     assert b * r <= 128 and b > 1 and r > 1
     # The S-curve 1 - (1 - s^r)^b rises through the threshold.
-    p = lambda s: 1 - (1 - s ** r) ** b  # noqa: E731
+    p = lambda s: 1 - (1 - s**r) ** b  # noqa: E731
     assert p(0.5) < 0.1 and p(0.8) > 0.9 and p(0.9) > 0.99
 
 
@@ -121,8 +130,13 @@ def test_near_dups_dropped_and_non_dups_kept():
 
 def test_dedup_chain_in_apply_filters_keeps_the_first_copy():
     base = prose(300, seed=3)
-    docs = [Doc(base, "first"), Doc(prose(300, seed=4), "other"), Doc(base.upper(), "exact copy"),
-            Doc(change_words(base, 2, seed=5), "near copy"), Doc(prose(300, seed=5), "third")]
+    docs = [
+        Doc(base, "first"),
+        Doc(prose(300, seed=4), "other"),
+        Doc(base.upper(), "exact copy"),
+        Doc(change_words(base, 2, seed=5), "near copy"),
+        Doc(prose(300, seed=5), "third"),
+    ]
     steps = default_dedup()
     stats = FilterStats(["exact_dedup", "minhash_dedup"])
     kept = [x.origin for x in apply_filters(docs, steps, stats)]

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwen2.data import Mixture, PackedLoader, write_shards
 
@@ -13,7 +15,7 @@ EOT = 7  # ids below 1000 are free: documents use 1000 * (doc + 1) + position
 
 def make_docs(n=37, seed=0, lo=1, hi=90, base=0):
     rng = np.random.default_rng(seed)
-    return [np.arange(l) + 1000 * (base + i + 1) for i, l in enumerate(rng.integers(lo, hi, n))]
+    return [np.arange(n_tok) + 1000 * (base + i + 1) for i, n_tok in enumerate(rng.integers(lo, hi, n))]
 
 
 @pytest.fixture
@@ -58,8 +60,10 @@ def test_packing_eot_between_docs_and_no_token_lost(shards, docs):
     assert (rows[1:, 0] == rows[:-1, -1]).all()
     expected = np.concatenate([np.append(d, EOT) for d in docs])
     assert np.array_equal(stream[: len(expected)], expected)
-    assert np.array_equal(stream[len(expected): 2 * len(expected)][: len(stream) - len(expected)],
-                          expected[: len(stream) - len(expected)])  # the next epoch follows, same order unshuffled
+    assert np.array_equal(
+        stream[len(expected) : 2 * len(expected)][: len(stream) - len(expected)],
+        expected[: len(stream) - len(expected)],
+    )  # the next epoch follows, same order unshuffled
 
 
 def test_shuffled_epoch_holds_every_document_once(shards, docs):
@@ -80,7 +84,7 @@ def test_epochs_reshuffle_and_seed_matters(shards, docs):
     def epoch_orders(seed, epochs=2):
         loader = PackedLoader(shards, seq_len=n_stream, batch_size=1, seed=seed)
         stream = np.concatenate([next(loader)["input_ids"][0, :-1].numpy() for _ in range(epochs)])
-        return [split_on_eot(stream[e * n_stream: (e + 1) * n_stream])[0] for e in range(epochs)]
+        return [split_on_eot(stream[e * n_stream : (e + 1) * n_stream])[0] for e in range(epochs)]
 
     e0, e1 = epoch_orders(0)
     assert sorted(e0) == sorted(e1) and e0 != e1
@@ -170,7 +174,9 @@ def source_of(ids):
 
 def test_mixture_token_shares_follow_weights(tmp_path):
     short = write_shards(make_docs(50, seed=1, lo=5, hi=15), tmp_path / "short", meta={"endoftext_id": EOT})
-    long_ = write_shards(make_docs(20, seed=2, lo=60, hi=200, base=1000), tmp_path / "long", meta={"endoftext_id": EOT})
+    long_ = write_shards(
+        make_docs(20, seed=2, lo=60, hi=200, base=1000), tmp_path / "long", meta={"endoftext_id": EOT}
+    )
     mix = Mixture({"short": short, "long": long_}, weights={"short": 0.7, "long": 0.3})
     loader = PackedLoader(mix, seq_len=64, batch_size=8, seed=0)
     ids = torch.cat([x[:, :-1] for x in batches(loader, 60)]).numpy().reshape(-1)
@@ -212,18 +218,26 @@ def test_mixture_resume_and_ranks(tmp_path):
 
 
 # ---- properties over random shapes ---------------------------------------------------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), T=st.integers(1, 24), B=st.integers(1, 3),
-       W=st.integers(1, 3), k=st.integers(0, 6), mixed=st.booleans(), seed=st.integers(0, 2**31))
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    T=st.integers(1, 24),
+    B=st.integers(1, 3),
+    W=st.integers(1, 3),
+    k=st.integers(0, 6),
+    mixed=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
 def test_properties(tmp_path_factory, lengths, T, B, W, k, mixed, seed):
     root = tmp_path_factory.mktemp("p")
     docs = [np.arange(n) + 1000 * (i + 1) for i, n in enumerate(lengths)]
     data = write_shards(docs, root / "a", shard_tokens=17, meta={"endoftext_id": EOT})
     if mixed:
-        data = Mixture([(data, 0.6), (write_shards([[5, 6, 5]], root / "b", meta={"endoftext_id": EOT}), 0.4)])
+        data = Mixture(
+            [(data, 0.6), (write_shards([[5, 6, 5]], root / "b", meta={"endoftext_id": EOT}), 0.4)]
+        )
     steps = 8
     one = batches(PackedLoader(data, T, B * W, seed=seed), steps)
     ranks = [batches(PackedLoader(data, T, B, r, W, seed=seed), steps) for r in range(W)]
@@ -250,8 +264,8 @@ def test_spread_reads_each_window_row_once_with_rows_spread_apart(shards):
     plain = torch.cat(batches(PackedLoader(shards, T, G, seed=3), 2 * S))  # the first two windows, in order
     spread = batches(PackedLoader(shards, T, G, seed=3, spread=S), 2 * S)
     for w in range(2):  # a window's steps read exactly its rows, each once
-        window = plain[w * S * G:(w + 1) * S * G]
-        got = torch.cat(spread[w * S:(w + 1) * S])
+        window = plain[w * S * G : (w + 1) * S * G]
+        got = torch.cat(spread[w * S : (w + 1) * S])
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, window.tolist()))
         for j in range(S):  # step j of the window: rows j, j + S, j + 2S, ...
             assert torch.equal(spread[w * S + j], window[j::S])

@@ -57,14 +57,21 @@ def corpus(tmp_path):
     (root / "sub").mkdir(parents=True)
     base = prose(300, seed=0)
     (root / "a.txt").write_text(base)
-    (root / "b.txt").write_text("  " + base.upper().replace(" ", "\n"))          # exact duplicate of a
-    (root / "c.md").write_text(change_words(base, 3, seed=1))                    # near duplicate of a
+    (root / "b.txt").write_text("  " + base.upper().replace(" ", "\n"))  # exact duplicate of a
+    (root / "c.md").write_text(change_words(base, 3, seed=1))  # near duplicate of a
     (root / "d.py").write_text(CODE)
-    (root / "data.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in
-                                               enumerate([prose(200, seed=1), "", prose(200, seed=2), base])) + "\n\n")
-    (root / "e.txt").write_text("\n".join(" ".join(str(10**6 + 37 * i + j) for j in range(10)) for i in range(50)))
+    (root / "data.jsonl").write_text(
+        "\n".join(
+            json.dumps({"text": t, "id": i})
+            for i, t in enumerate([prose(200, seed=1), "", prose(200, seed=2), base])
+        )
+        + "\n\n"
+    )
+    (root / "e.txt").write_text(
+        "\n".join(" ".join(str(10**6 + 37 * i + j) for j in range(10)) for i in range(50))
+    )
     (root / "f.txt").write_text("tiny")
-    (root / "g.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)              # not UTF-8: skipped
+    (root / "g.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)  # not UTF-8: skipped
     (root / "sub" / "h.txt").write_text(prose(250, seed=3))
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.txt").write_text(prose(300, seed=4))
@@ -84,8 +91,15 @@ def test_prepare_corpus_report_and_shards(corpus, tmp_path, tok):
     assert src["read"]["files"] == 9 and src["read"]["skipped_files"] == 1
     assert src["read"]["docs"] == 10  # 7 files + 3 non-empty JSONL lines (g.txt skipped)
     dropped = {r["step"]: r["docs_dropped"] for r in src["steps"]}
-    assert dropped == {"length": 1, "digit_ratio": 1, "symbol_ratio": 0, "line_repetition": 0,
-                       "ngram_repetition": 0, "exact_dedup": 2, "minhash_dedup": 1}
+    assert dropped == {
+        "length": 1,
+        "digit_ratio": 1,
+        "symbol_ratio": 0,
+        "line_repetition": 0,
+        "ngram_repetition": 0,
+        "exact_dedup": 2,
+        "minhash_dedup": 1,
+    }
     assert src["steps"][-1]["docs_kept"] == src["kept"]["docs"] == len(EXPECTED_KEPT)
     assert src["steps"][0]["bytes_dropped"] == 4
     assert json.loads((out / "report.json").read_text()) == report
@@ -113,7 +127,10 @@ def test_prepare_is_cached_until_an_input_changes(corpus, tmp_path, tok):
     (corpus / "sub" / "h.txt").write_text(prose(260, seed=7))
     again = prepare_corpus(corpus, tok, out, progress=False)
     assert again["fingerprint"] != first["fingerprint"]
-    assert prepare_corpus(corpus, tok, out, filters=None, progress=False)["sources"]["default"]["kept"]["docs"] == 7
+    assert (
+        prepare_corpus(corpus, tok, out, filters=None, progress=False)["sources"]["default"]["kept"]["docs"]
+        == 7
+    )
 
 
 def test_prepare_without_filters_or_dedup_keeps_every_document(corpus, tmp_path, tok):
@@ -123,12 +140,16 @@ def test_prepare_without_filters_or_dedup_keeps_every_document(corpus, tmp_path,
 
 
 def test_sources_are_deduplicated_across_and_mixed(corpus, tmp_path, tok):
-    sources = [Source("text", [corpus / "a.txt", corpus / "sub"], weight=3),
-               Source("more", [corpus / "data.jsonl", corpus / "d.py"], weight=1)]
+    sources = [
+        Source("text", [corpus / "a.txt", corpus / "sub"], weight=3),
+        Source("more", [corpus / "data.jsonl", corpus / "d.py"], weight=1),
+    ]
     report = prepare_corpus(sources, tok, tmp_path / "out", progress=False)
     assert report["sources"]["text"]["kept"]["docs"] == 2
     more = report["sources"]["more"]
-    assert {r["step"]: r["docs_dropped"] for r in more["steps"]}["exact_dedup"] == 1  # a.txt's copy in the JSONL
+    assert {r["step"]: r["docs_dropped"] for r in more["steps"]}[
+        "exact_dedup"
+    ] == 1  # a.txt's copy in the JSONL
     mix = open_corpus(tmp_path / "out")
     assert isinstance(mix, Mixture) and mix.names == ["text", "more"] and mix.weights.tolist() == [0.75, 0.25]
     assert open_corpus(tmp_path / "out", weights={"text": 1}).names == ["text"]
@@ -183,7 +204,10 @@ def test_default_corpus_is_the_stdlib():
 
 
 def test_docstrings_and_package_documents(tmp_path):
-    src = '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\ndef g():\n    """Function doc."""\n'
+    src = (
+        '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
+        'def g():\n    """Function doc."""\n'
+    )
     assert python_docstrings(src) == "Module doc.\n\nClass doc.\n\nMethod doc.\n\nFunction doc."
     assert python_docstrings("def (:") == ""
     (tmp_path / "pkg").mkdir()

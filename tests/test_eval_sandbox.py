@@ -75,8 +75,10 @@ def test_a_ctypes_fork_bomb_is_bounded_and_leaves_no_process():
 
 def test_a_grandchild_left_running_is_killed_with_the_group():
     # a program whose child outlives it (exit while a forked sleeper runs, via ctypes if allowed)
-    code = ("import os, sys\ntry:\n    pid = os.fork()\nexcept PermissionError:\n    sys.exit(0)\n"
-            "if pid == 0:\n    import time; time.sleep(60)\n")
+    code = (
+        "import os, sys\ntry:\n    pid = os.fork()\nexcept PermissionError:\n    sys.exit(0)\n"
+        "if pid == 0:\n    import time; time.sleep(60)\n"
+    )
     r = run_program(code, timeout=2.0)
     assert processes_in_session(r.pid) == []
 
@@ -97,8 +99,10 @@ def test_a_socket_connect_to_a_listening_port_is_refused():
 
     thread = threading.Thread(target=accept)
     thread.start()
-    code = (f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
-            "print('connected')\n")
+    code = (
+        f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
+        "print('connected')\n"
+    )
     r = run_program(code, timeout=5.0)
     thread.join()
     server.close()
@@ -133,9 +137,11 @@ def test_writing_outside_the_folder_is_refused(tmp_path):
 
 
 def test_writing_inside_the_folder_works_and_home_and_tmpdir_point_there():
-    code = ("import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
-            "assert os.environ['HOME'] == os.getcwd() == tempfile.gettempdir()\n"
-            "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\nprint(open('a.txt').read())\n")
+    code = (
+        "import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
+        "assert os.environ['HOME'] == os.getcwd() == tempfile.gettempdir()\n"
+        "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\nprint(open('a.txt').read())\n"
+    )
     r = run_program(code)
     assert r.status == "passed", r.stderr
     assert r.stdout == "hi\n"
@@ -150,8 +156,9 @@ def test_os_system_and_subprocess_are_refused(tmp_path):
 
 
 def test_huge_output_is_truncated():
-    r = run_program("import sys\nsys.stdout.write('x' * 5_000_000)\nsys.stderr.write('e' * 5_000_000)\n",
-                    max_output=1000)
+    r = run_program(
+        "import sys\nsys.stdout.write('x' * 5_000_000)\nsys.stderr.write('e' * 5_000_000)\n", max_output=1000
+    )
     assert r.status == "passed"
     assert r.stdout == "x" * 1000 and r.stderr == "e" * 1000
 

@@ -3,20 +3,26 @@
 import pytest
 import torch
 
+from hf_reference import hf_model, scaled_config
 from qwen2 import load_model
 from qwen2.config import ModelConfig
 from qwen2.generation import ChatSession, KVCache, decode_one, generate, prefill, stream_text
 from qwen2.model import build_model
 from qwen2.sampling import SamplingParams
 
-from hf_reference import hf_model, scaled_config
-
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     x = torch.tensor([prompt])
-    out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                      eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = hf.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts(vocab: int, lengths=(7, 19, 1, 12), seed=0) -> list[list[int]]:
@@ -79,7 +85,7 @@ def test_greedy_equals_uncached_argmax_loop(tiny):
     with torch.no_grad():
         for _ in range(20):
             ids.append(int(tiny(torch.tensor([ids]))[0, -1].argmax()))
-    assert list(generate(tiny, prompt, 20, temperature=0)) == ids[len(prompt):]
+    assert list(generate(tiny, prompt, 20, temperature=0)) == ids[len(prompt) :]
 
 
 def test_batch_rows_equal_single_prompts_when_sampling(tiny):
@@ -128,8 +134,12 @@ def test_bad_prompts_are_refused(tiny):
 
 
 def test_generation_config_defaults(tiny, monkeypatch):
-    monkeypatch.setattr(tiny, "generation_config", {"do_sample": True, "temperature": 0.7, "top_k": 1,
-                                                    "eos_token_id": [1]}, raising=False)
+    monkeypatch.setattr(
+        tiny,
+        "generation_config",
+        {"do_sample": True, "temperature": 0.7, "top_k": 1, "eos_token_id": [1]},
+        raising=False,
+    )
     greedy = list(generate(tiny, [5, 6], 8, temperature=0))
     g = generate(tiny, [5, 6], 8)  # top_k 1 from the config: greedy's tokens, then the eos rule applies
     out = list(g)
@@ -211,7 +221,9 @@ def test_stream_text_is_the_text_before_the_stop(tok):
     model.prompt_len = 2
     pieces = list(stream_text(model, tok, [1, 2], max_new_tokens=50, temperature=0, stop=[", a"]))
     assert "".join(pieces) == "Hello world"
-    pieces = list(stream_text(model, tok, [1, 2], max_new_tokens=50, temperature=0, stop_token_ids=[tok.im_end_id]))
+    pieces = list(
+        stream_text(model, tok, [1, 2], max_new_tokens=50, temperature=0, stop_token_ids=[tok.im_end_id])
+    )
     assert "".join(pieces) == "Hello world, again"  # the stop token's text is not shown
 
 
@@ -231,7 +243,9 @@ def test_chat_session_reuses_the_cache(tiny, tok):
     turn1 = s.last.sampled[0]
     second = first + turn1 + [5, 6]
     "".join(s.reply(second))
-    assert s.last.prompt_tokens == 2 + 1  # only the new tokens (+ the last reply token, never run) are prefilled
+    assert (
+        s.last.prompt_tokens == 2 + 1
+    )  # only the new tokens (+ the last reply token, never run) are prefilled
     assert s.last.output_ids[0] == list(generate(tiny, second, 6, temperature=0))
 
 

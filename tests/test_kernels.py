@@ -13,18 +13,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2.kernels import ops as cpu_kernels
 from qwen2.config import ModelConfig
 from qwen2.generation import KVCache, decode_one, prefill
 from qwen2.kernels import install
+from qwen2.kernels import ops as cpu_kernels
 from qwen2.kernels.layers import Attention, RMSNorm, linear
 from qwen2.model import build_model
 from qwen2.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
 
-CPU_FLAGS = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
-    if Path("/proc/cpuinfo").exists() else ""
-CAN_BUILD = (all(f in CPU_FLAGS.split() for f in ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"))
-             and shutil.which(os.environ.get("CC", "cc")) is not None and os.environ.get("QWEN2_CPU_KERNELS") != "0")
+CPU_FLAGS = (
+    next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    if Path("/proc/cpuinfo").exists()
+    else ""
+)
+CAN_BUILD = (
+    all(f in CPU_FLAGS.split() for f in ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"))
+    and shutil.which(os.environ.get("CC", "cc")) is not None
+    and os.environ.get("QWEN2_CPU_KERNELS") != "0"
+)
 needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="CPU without AVX-512 BF16/VNNI or no C compiler")
 
 
@@ -83,8 +89,10 @@ def test_int8_kernel_is_the_dequantized_product(n, k, m):
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k,m,group", [(1, 128, 1, 128), (6, 256, 2, 128), (130, 896, 1, 128),
-                                         (33, 4864, 8, 128), (9, 512, 3, 256)])
+@pytest.mark.parametrize(
+    "n,k,m,group",
+    [(1, 128, 1, 128), (6, 256, 2, 128), (130, 896, 1, 128), (33, 4864, 8, 128), (9, 512, 3, 256)],
+)
 def test_int4_kernel_is_the_dequantized_product(n, k, m, group):
     assert cpu_kernels.int4_shape_ok(k, group)
     g = torch.Generator().manual_seed(n + k + m + group)
@@ -94,7 +102,9 @@ def test_int4_kernel_is_the_dequantized_product(n, k, m, group):
     deq = ((q - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
     y = cpu_kernels.gemv_int4(x, packed, s, z, group, b)
     ref = x.double() @ deq.T + b.double()
-    q_abs = ((q - 8).abs() * s.double()[..., None]).view(n, k).abs().sum(1)  # the part that meets x's rounding
+    q_abs = (
+        ((q - 8).abs() * s.double()[..., None]).view(n, k).abs().sum(1)
+    )  # the part that meets x's rounding
     assert_within(y, ref, fixed_point_slack(x, q_abs, 14))
 
 
@@ -128,7 +138,10 @@ def test_tiny_activations_keep_a_finite_fixed_point():
     packed, s4, z4 = quantize_int4(w, 128, torch.bfloat16)
     q4 = unpack_int4(packed).double().view(8, 2, 128)
     ref4 = x.double() @ ((q4 - 8) * s4.double()[..., None] + z4.double()[..., None]).view(8, 256).T
-    for y, ref in ((cpu_kernels.gemv_int8(x, q, s), ref8), (cpu_kernels.gemv_int4(x, packed, s4, z4, 128), ref4)):
+    for y, ref in (
+        (cpu_kernels.gemv_int8(x, q, s), ref8),
+        (cpu_kernels.gemv_int4(x, packed, s4, z4, 128), ref4),
+    ):
         assert torch.isfinite(y).all()
         assert ((y.double() - ref).abs() <= 0.05 * ref.abs().max()).all()
 
@@ -138,7 +151,9 @@ def record_calls(monkeypatch, *names) -> list[str]:
     calls = []
     for name in names:
         fn = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw)
+        )
     return calls
 
 
@@ -154,7 +169,9 @@ def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
         with torch.no_grad():
             q(torch.tensor([[1]]))
     assert {"gemv_bf16", "gemv_int8", "gemv_int4"} <= set(calls)
-    assert calls.count("gemv_glu") == 2 * small_config().num_hidden_layers  # int8 and int4 MLPs: one call each
+    assert (
+        calls.count("gemv_glu") == 2 * small_config().num_hidden_layers
+    )  # int8 and int4 MLPs: one call each
     # many rows, fp32, or autograd: torch's path
     calls.clear()
     linear(rows(cpu_kernels.MAX_ROWS + 1, 256, g), w)
@@ -166,9 +183,17 @@ def test_model_linear_and_quantized_layers_use_the_kernels(monkeypatch):
 
 
 def small_config():  # widths that int4 group 128 divides, so every layer takes the kernels
-    return ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       tie_word_embeddings=True, torch_dtype="bfloat16")
+    return ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
 
 
 def decode_logits(model):
@@ -204,11 +229,20 @@ def test_glu_kernel_is_silu_of_gate_times_up(n, k, m, bits):
         gate, up, extra = (qg, sg), (qu, su), dict(s_gate=sg, s_up=su)
         product = cpu_kernels.gemv_int8
     else:
-        (qg, sg, zg), (qu, su, zu) = quantize_int4(wg, 128, torch.bfloat16), quantize_int4(wu, 128, torch.bfloat16)
-        gate, up, extra = (qg, sg, zg, 128), (qu, su, zu, 128), dict(s_gate=sg, s_up=su, z_gate=zg, z_up=zu, group_size=128)
+        (qg, sg, zg), (qu, su, zu) = (
+            quantize_int4(wg, 128, torch.bfloat16),
+            quantize_int4(wu, 128, torch.bfloat16),
+        )
+        gate, up, extra = (
+            (qg, sg, zg, 128),
+            (qu, su, zu, 128),
+            dict(s_gate=sg, s_up=su, z_gate=zg, z_up=zu, group_size=128),
+        )
         product = cpu_kernels.gemv_int4
     y = cpu_kernels.gemv_glu(x, gate[0], up[0], **extra)
-    ref = F.silu(product(x, *gate)) * product(x, *up)  # the kernels' own products, torch's bf16 silu and product
+    ref = F.silu(product(x, *gate)) * product(
+        x, *up
+    )  # the kernels' own products, torch's bf16 silu and product
     assert y.shape == (m, n) and ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-7).all()
     assert (y != ref).float().mean() < 0.01  # silu's exp is our own: a rare last-bit difference at most
 
@@ -247,7 +281,9 @@ def cache_view(b, hkv, s, w, d, g):
 
 
 @needs_kernels
-@pytest.mark.parametrize("b,hq,hkv,w,d", [(1, 14, 2, 300, 64), (2, 6, 2, 17, 128), (3, 4, 4, 1, 40), (2, 8, 1, 40, 64)])
+@pytest.mark.parametrize(
+    "b,hq,hkv,w,d", [(1, 14, 2, 300, 64), (2, 6, 2, 17, 128), (3, 4, 4, 1, 40), (2, 8, 1, 40, 64)]
+)
 def test_decode_attention_kernel_is_attention(b, hq, hkv, w, d):
     g = torch.Generator().manual_seed(b + hq + w + d)
     q = rows(b * hq, d, g).view(b, hq, 1, d)
@@ -283,21 +319,30 @@ def test_the_kernels_inside_torch_compile():
     w, b, x = rows(64, 128, g), rows(1, 64, g)[0], rows(1, 128, g)
     q, s = quantize_int8(w.float(), torch.bfloat16)
     eager = (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_glu(x, w, w))
-    compiled = torch.compile(lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_glu(x, w, w)),
-                             fullgraph=True)(x)
+    compiled = torch.compile(
+        lambda x: (linear(x, w, b), cpu_kernels.gemv_int8(x, q, s), cpu_kernels.gemv_glu(x, w, w)),
+        fullgraph=True,
+    )(x)
     for a, c in zip(eager, compiled):
         assert torch.equal(a, c)
-    q, k, v = rows(4, 64, g).view(1, 4, 1, 64), cache_view(1, 2, 12, 10, 64, g), cache_view(1, 2, 12, 10, 64, g)
+    q, k, v = (
+        rows(4, 64, g).view(1, 4, 1, 64),
+        cache_view(1, 2, 12, 10, 64, g),
+        cache_view(1, 2, 12, 10, 64, g),
+    )
     mask = (torch.arange(10) <= 6).view(1, 1, 1, 10)
     attn = torch.compile(lambda q: Attention.attend(q, k, v, mask), fullgraph=True)
     assert torch.equal(attn(q), cpu_kernels.decode_attention(q, k, v, mask))
 
 
 def test_turned_off_falls_back_to_torch():
-    code = ("import torch; from qwen2.kernels import ops as cpu_kernels; from qwen2.kernels.layers import linear; "
-            "w = torch.randn(8, 16).bfloat16(); x = torch.randn(1, 16).bfloat16(); "
-            "y = linear(x, w); ref = x.float() @ w.float().T; "
-            "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_kernels.status())")
+    code = (
+        "import torch; from qwen2.kernels import ops as cpu_kernels; "
+        "from qwen2.kernels.layers import linear; "
+        "w = torch.randn(8, 16).bfloat16(); x = torch.randn(1, 16).bfloat16(); "
+        "y = linear(x, w); ref = x.float() @ w.float().T; "
+        "assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max(); print(cpu_kernels.status())"
+    )
     env = dict(os.environ, QWEN2_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "qwen2 CPU kernels off (QWEN2_CPU_KERNELS=0): torch's kernels"

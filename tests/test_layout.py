@@ -1,5 +1,6 @@
 """The package's shape as DESIGN.md draws it: the dependency direction, no import circles (lazy imports
-inside functions count), and a public API that stays what the README says after every submodule is imported."""
+inside functions count), and a public API that stays what the README says after every submodule is
+imported."""
 
 import ast
 import importlib
@@ -63,8 +64,10 @@ def test_the_tokenizer_imports_nothing_of_ours_but_files():
             assert not bad, f"{name} imports {bad}"
 
 
-@pytest.mark.parametrize("low,high", [("engine", "serve"), ("data", "engine"), ("eval", "train"),
-                                      ("kernels", "train"), ("data", "train")])
+@pytest.mark.parametrize(
+    "low,high",
+    [("engine", "serve"), ("data", "engine"), ("eval", "train"), ("kernels", "train"), ("data", "train")],
+)
 def test_lower_layers_never_import_higher_ones(low, high):
     for name in MODULES:
         if under(name, low):
@@ -85,7 +88,7 @@ def test_no_import_circle():
         state[name] = 1
         for dep in sorted(GRAPH[name]):
             if state.get(dep) == 1:
-                circle = path[path.index(dep):] + [dep]
+                circle = path[path.index(dep) :] + [dep]
                 pytest.fail("import circle: " + " -> ".join(circle))
             if dep not in state:
                 visit(dep, path + [dep])
@@ -106,4 +109,6 @@ def test_public_api_after_importing_every_submodule():
         assert not inspect.ismodule(obj), f"qwen2.{name} is a module, not the API object"
         assert callable(obj), f"qwen2.{name} is not callable"
     assert qwen2.generate.__name__ == "generate" and inspect.isfunction(qwen2.generate)
-    assert inspect.isclass(qwen2.Engine) and inspect.isclass(qwen2.ModelConfig) and inspect.isclass(qwen2.Qwen2)
+    assert (
+        inspect.isclass(qwen2.Engine) and inspect.isclass(qwen2.ModelConfig) and inspect.isclass(qwen2.Qwen2)
+    )

@@ -25,7 +25,7 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> t
     """As lm-eval splits a pair (whole text encoded, context prefix removed), scored by one forward."""
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([whole]))[0].float(), -1)  # [T, V]
     rows = lp[len(ctx) - 1 : len(whole) - 1]  # position p predicts token p + 1
@@ -34,7 +34,9 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> t
 
 
 @pytest.mark.slow  # ~40 s, most of it lm-eval's own start-up
-def test_local_completions_loglikelihood_matches_a_forward_pass(start_server, tiny_chat_checkpoint, tmp_path, monkeypatch):
+def test_local_completions_loglikelihood_matches_a_forward_pass(
+    start_server, tiny_chat_checkpoint, tmp_path, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -56,9 +58,16 @@ def test_local_completions_loglikelihood_matches_a_forward_pass(start_server, ti
 
     results = simple_evaluate(
         model="local-completions",
-        model_args={"base_url": f"{srv.url}/v1/completions", "model": "tiny", "tokenizer": str(tiny_chat_checkpoint),
-                    "tokenizer_backend": "huggingface", "tokenized_requests": True, "batch_size": 2,
-                    "max_retries": 1, "max_length": 2048},
+        model_args={
+            "base_url": f"{srv.url}/v1/completions",
+            "model": "tiny",
+            "tokenizer": str(tiny_chat_checkpoint),
+            "tokenizer_backend": "huggingface",
+            "tokenized_requests": True,
+            "batch_size": 2,
+            "max_retries": 1,
+            "max_length": 2048,
+        },
         tasks=["qwen2_tiny_loglikelihood"],
         task_manager=TaskManager(include_path=str(tmp_path)),
         log_samples=True,
@@ -68,7 +77,9 @@ def test_local_completions_loglikelihood_matches_a_forward_pass(start_server, ti
     for s in samples:
         resp = s["resps"][0]  # this request's response: (loglikelihood, is_greedy), maybe wrapped once
         ll, greedy = resp[0] if isinstance(resp[0], (list, tuple)) else resp
-        want_ll, want_greedy = direct_loglikelihood(srv.model, srv.tokenizer, s["doc"]["context"], s["doc"]["continuation"])
+        want_ll, want_greedy = direct_loglikelihood(
+            srv.model, srv.tokenizer, s["doc"]["context"], s["doc"]["continuation"]
+        )
         assert ll == pytest.approx(want_ll, abs=1e-3), s["doc"]
         assert greedy == want_greedy
     assert not srv.engine.seqs  # every scoring request finished and freed its blocks

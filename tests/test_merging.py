@@ -60,8 +60,9 @@ def test_alpha_1_moves_onto_the_masked_task_vector():
     ps, grads, taus = params_and_grads(2)
     gen = torch.Generator().manual_seed(7)
     params = [nn.Parameter(p.clone()) for p in ps]
-    opt = OnlineMergingOptimizer(params, tau_map(params, taus), method="ondare", lr=1e-2, reserve_p=0.5,
-                                 alpha=1.0, generator=gen)
+    opt = OnlineMergingOptimizer(
+        params, tau_map(params, taus), method="ondare", lr=1e-2, reserve_p=0.5, alpha=1.0, generator=gen
+    )
     masked = [opt.state[p]["tau"] for p in params]
     kept = sum(int((m != 0).sum()) for m in masked)
     assert 0 < kept < sum(t.numel() for t in taus)  # the mask dropped some entries and kept others
@@ -120,9 +121,20 @@ def direct(method, ps, grads, taus, lr, wd, p_keep, alpha, seed, b1=0.9, b2=0.99
 def test_equals_direct_equations(method, p_keep, alpha):
     ps, grads, taus = params_and_grads(3)
     gen = torch.Generator().manual_seed(11)
-    ours = run(lambda params: OnlineMergingOptimizer(params, tau_map(params, taus), method=method, lr=0.05,
-                                                     weight_decay=0.1, reserve_p=p_keep, alpha=alpha,
-                                                     generator=gen), ps, grads)
+    ours = run(
+        lambda params: OnlineMergingOptimizer(
+            params,
+            tau_map(params, taus),
+            method=method,
+            lr=0.05,
+            weight_decay=0.1,
+            reserve_p=p_keep,
+            alpha=alpha,
+            generator=gen,
+        ),
+        ps,
+        grads,
+    )
     ref = direct(method, ps, grads, taus, lr=0.05, wd=0.1, p_keep=p_keep, alpha=alpha, seed=11)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -133,8 +145,10 @@ def test_task_vectors_from_state_dicts_and_param_groups():
     base, ref, policy = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
     tau = task_vectors(policy, base.state_dict(), ref.state_dict())
     torch.testing.assert_close(tau[policy.weight], ref.weight.detach() - base.weight.detach())
-    groups = [{"params": [policy.weight], "weight_decay": 0.1},
-              {"params": [policy.bias], "weight_decay": 0.0}]
+    groups = [
+        {"params": [policy.weight], "weight_decay": 0.1},
+        {"params": [policy.bias], "weight_decay": 0.0},
+    ]
     opt = OnlineMergingOptimizer(groups, tau, method="onties", lr=1e-3, reserve_p=0.5, alpha=1e-3)
     policy(torch.randn(2, 4)).sum().backward()
     opt.step()

@@ -4,15 +4,18 @@ import pytest
 import torch
 import transformers
 
+from hf_reference import hf_model, scaled_config
 from qwen2 import load_model, save_model
 from qwen2.config import ModelConfig
 from qwen2.generation import KVCache
 
-from hf_reference import hf_model, scaled_config
-
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 CASES = {
-    "0.5B": {}, "1.5B": {}, "7B": {}, "72B": {}, "57B-A14B": {},
+    "0.5B": {},
+    "1.5B": {},
+    "7B": {},
+    "72B": {},
+    "57B-A14B": {},
     "7B-yarn-x4": {"rope_scaling": YARN},
     "57B-A14B-normtopk": {"norm_topk_prob": True},
 }
@@ -100,7 +103,9 @@ def test_real_0_5b_shape_parity(tmp_path):
     with torch.no_grad():
         out = ours(x)
     del ours
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         ref = hf(x).logits
     assert (out - ref).abs().max().item() < 1e-4

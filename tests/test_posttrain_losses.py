@@ -112,13 +112,24 @@ def trl_dpo_stub(hf_policy, hf_ref, beta):
     add_fused_lm_head(hf_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     add_fused_lm_head(hf_ref)
     acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    return SimpleNamespace(model=hf_policy, ref_model=hf_ref, accelerator=acc, aux_loss_enabled=False,
-                           ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
-                           loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
-                           label_smoothing=0.0,
-                           _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-                           _total_train_tokens=0, _tp_size=1,
-                           args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    return SimpleNamespace(
+        model=hf_policy,
+        ref_model=hf_ref,
+        accelerator=acc,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=False,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        label_smoothing=0.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+    )
 
 
 def test_dpo_equals_trl(model):
@@ -140,8 +151,9 @@ def test_dpo_equals_trl(model):
         ids[r, : len(i)], cmask[r, : len(i)], att[r, : len(i)] = torch.tensor(i), torch.tensor(m), 1
     stub = trl_dpo_stub(hf_twin(policy).train(), hf_twin(reference), beta=0.1)
     with torch.no_grad():
-        ref_loss = DPOTrainer._compute_loss(stub, stub.model, {"input_ids": ids, "attention_mask": att,
-                                                               "completion_mask": cmask}, False)
+        ref_loss = DPOTrainer._compute_loss(
+            stub, stub.model, {"input_ids": ids, "attention_mask": att, "completion_mask": cmask}, False
+        )
     m = stub._metrics["train"]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
@@ -149,8 +161,9 @@ def test_dpo_equals_trl(model):
     # our sequence_logps (ids + completion mask) = TRL's summed per-token log-probs
     with torch.no_grad():
         ours = sequence_logps(policy, ids, cmask)
-        trl_lp = stub.model(input_ids=ids, attention_mask=att, labels=ids.masked_fill(cmask == 0, -100),
-                            fused_lm_head=True).log_probs.sum(1)
+        trl_lp = stub.model(
+            input_ids=ids, attention_mask=att, labels=ids.masked_fill(cmask == 0, -100), fused_lm_head=True
+        ).log_probs.sum(1)
     torch.testing.assert_close(ours, trl_lp, rtol=1e-5, atol=1e-4)
 
 
@@ -194,14 +207,19 @@ def test_reward_loss_equals_trl_reward_trainer():
     r = torch.randn(8, 1, generator=g)
     margin = torch.rand(4, generator=g)
     for extra, coef in (({}, None), ({"margin": margin}, None), ({}, 0.01)):
-        stub = SimpleNamespace(model=SimpleNamespace(training=True),
-                               args=SimpleNamespace(center_rewards_coefficient=coef),
-                               accelerator=SimpleNamespace(gather=lambda x: x,
-                                                           gather_for_metrics=lambda x: x),
-                               _total_train_tokens=0, _tp_size=1,
-                               _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
-        inputs = {"input_ids": torch.zeros(8, 3, dtype=torch.long), "attention_mask": torch.ones(8, 3),
-                  **extra}
+        stub = SimpleNamespace(
+            model=SimpleNamespace(training=True),
+            args=SimpleNamespace(center_rewards_coefficient=coef),
+            accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
+            _total_train_tokens=0,
+            _tp_size=1,
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        )
+        inputs = {
+            "input_ids": torch.zeros(8, 3, dtype=torch.long),
+            "attention_mask": torch.ones(8, 3),
+            **extra,
+        }
         ref = RewardTrainer.compute_loss(stub, lambda **kw: SimpleNamespace(logits=r), inputs)
         ours = reward_loss(r[:4, 0], r[4:, 0], extra.get("margin"), coef)
         torch.testing.assert_close(ours, ref)

@@ -10,8 +10,16 @@ from qwen2 import load_model, save_model
 from qwen2.cli import main
 from qwen2.config import ModelConfig
 from qwen2.model import build_model
-from qwen2.quantize import (Int4Linear, Int8Linear, apply_quantization, quantize_int4, quantize_int8,
-                            quantize_model, unpack_int4, weight_bytes_per_token)
+from qwen2.quantize import (
+    Int4Linear,
+    Int8Linear,
+    apply_quantization,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+    weight_bytes_per_token,
+)
 
 
 def weights(n=48, k=256, seed=0):
@@ -94,7 +102,9 @@ def test_bad_layer_specs_are_refused():
         quantize_model(model, bits=3)
     with pytest.raises(ValueError, match="does not divide in_features 64"):
         quantize_model(model, bits=4, group_size=128)  # tiny's hidden size is 64
-    assert model.config.quantization is None and isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert model.config.quantization is None and isinstance(
+        model.model.layers[0].mlp.up_proj, torch.nn.Linear
+    )
 
 
 # ---- whole models --------------------------------------------------------------------------------
@@ -103,7 +113,7 @@ def realistic(config: ModelConfig, std=0.05) -> torch.nn.Module:
     model = build_model(config, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, std, generator=g)
     return model
@@ -123,7 +133,12 @@ def test_quantized_checkpoint_round_trips(tmp_path, bits):
         before = model(ids())
     save_model(model, tmp_path)
     spec = json.loads((tmp_path / "config.json").read_text())["quantization"]
-    assert spec == {"method": "weight_only", "bits": bits, "group_size": 128 if bits == 4 else None, "lm_head": True}
+    assert spec == {
+        "method": "weight_only",
+        "bits": bits,
+        "group_size": 128 if bits == 4 else None,
+        "lm_head": True,
+    }
     loaded = load_model(tmp_path)
     kind = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(loaded.model.layers[1].self_attn.q_proj, kind) and isinstance(loaded.lm_head, kind)
@@ -199,7 +214,10 @@ def float_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("bits,extra", [(8, []), (4, ["--group-size", "64"])])
 def test_qwen2_quantize_writes_what_load_model_reads(float_checkpoint, tmp_path, capsys, bits, extra):
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(float_checkpoint), "--out", str(out), "--bits", str(bits), *extra]) == 0
+    assert (
+        main(["quantize", "--model", str(float_checkpoint), "--out", str(out), "--bits", str(bits), *extra])
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     assert (out / "generation_config.json").is_file()  # side files travel with the weights
     group = 64 if bits == 4 else 128
@@ -217,12 +235,17 @@ def test_qwen2_quantize_bad_input_is_one_line(float_checkpoint, tmp_path, capsys
         assert err.count("\n") == 1 and "Traceback" not in err
         return err
 
-    assert "no such model directory" in error("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--bits", "8")
-    assert "does not divide" in error("--model", str(float_checkpoint), "--out", str(tmp_path / "o"), "--bits", "4",
-                                      "--group-size", "96")
+    assert "no such model directory" in error(
+        "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--bits", "8"
+    )
+    assert "does not divide" in error(
+        "--model", str(float_checkpoint), "--out", str(tmp_path / "o"), "--bits", "4", "--group-size", "96"
+    )
     assert not (tmp_path / "o").exists()  # nothing half-written
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    assert "not empty" in error("--model", str(float_checkpoint), "--out", str(tmp_path / "full"), "--bits", "8")
+    assert "not empty" in error(
+        "--model", str(float_checkpoint), "--out", str(tmp_path / "full"), "--bits", "8"
+    )
     with pytest.raises(SystemExit):  # argparse refuses --bits 3 itself (exit 2, usage line)
         main(["quantize", "--model", str(float_checkpoint), "--out", str(tmp_path / "o"), "--bits", "3"])

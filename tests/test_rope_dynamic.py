@@ -23,7 +23,9 @@ def static(factor):
 
 def test_below_the_original_length_it_is_plain_rope():
     pos = torch.arange(L0).expand(1, L0)
-    for a, b in zip(Rope(DYNAMIC).cos_sin(pos, torch.float32), Rope(config(None)).cos_sin(pos, torch.float32)):
+    for a, b in zip(
+        Rope(DYNAMIC).cos_sin(pos, torch.float32), Rope(config(None)).cos_sin(pos, torch.float32)
+    ):
         assert torch.equal(a, b)
 
 

@@ -143,9 +143,20 @@ def test_penalties_without_history_are_an_error():
         sample(torch.randn(1, V), SamplingParams(repetition_penalty=1.2))
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
-                                         ("min_p", 2), ("repetition_penalty", 0), ("presence_penalty", 3),
-                                         ("temperature", float("nan")), ("max_new_tokens", -1)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 2),
+        ("repetition_penalty", 0),
+        ("presence_penalty", 3),
+        ("temperature", float("nan")),
+        ("max_new_tokens", -1),
+    ],
+)
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -153,9 +164,20 @@ def test_bad_params_name_the_field(field, value):
 
 def test_generation_config_defaults(tmp_path):
     # Qwen2-7B-Instruct's generation_config.json (SPEC.md 1.4)
-    (tmp_path / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
-        "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": 151643,
+                "pad_token_id": 151643,
+                "do_sample": True,
+                "eos_token_id": [151645, 151643],
+                "repetition_penalty": 1.05,
+                "temperature": 0.7,
+                "top_p": 0.8,
+                "top_k": 20,
+            }
+        )
+    )
     p = SamplingParams.from_generation_config(tmp_path)
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.7, 0.8, 20, 1.05)
     assert p.stop_token_ids == [151645, 151643]

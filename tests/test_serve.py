@@ -27,14 +27,24 @@ def srv(start_server):
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60,
-                         _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=srv.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=60,
+        _strict_response_validation=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def aclient(srv):
-    return openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60,
-                              _strict_response_validation=True)
+    return openai.AsyncOpenAI(
+        base_url=srv.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=60,
+        _strict_response_validation=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +113,9 @@ def test_concurrent_async_requests_each_equal_their_solo_answer(srv, aclient):
         if not stream:
             r = await aclient.chat.completions.create(model="tiny", messages=m, max_tokens=8, temperature=0)
             return r.choices[0].message.content
-        s = await aclient.chat.completions.create(model="tiny", messages=m, max_tokens=8, temperature=0,
-                                                  stream=True)
+        s = await aclient.chat.completions.create(
+            model="tiny", messages=m, max_tokens=8, temperature=0, stream=True
+        )
         return "".join([c.choices[0].delta.content or "" async for c in s])
 
     async def main():
@@ -117,8 +128,12 @@ def test_completions_accept_text_texts_ids_and_lists_of_ids(srv, client):
     tok = srv.tokenizer
     a, b = tok.encode("The quick brown fox"), tok.encode("Once upon a time")
     refs = {tuple(p): reference(srv, p, 5) for p in (a, b)}
-    for prompt, want in [("The quick brown fox", [a]), (["The quick brown fox", "Once upon a time"], [a, b]),
-                         (a, [a]), ([a, b], [a, b])]:
+    for prompt, want in [
+        ("The quick brown fox", [a]),
+        (["The quick brown fox", "Once upon a time"], [a, b]),
+        (a, [a]),
+        ([a, b], [a, b]),
+    ]:
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
         assert [c.index for c in r.choices] == list(range(len(want)))
         assert [c.text for c in r.choices] == [refs[tuple(p)][1] for p in want]
@@ -128,8 +143,16 @@ def test_completions_accept_text_texts_ids_and_lists_of_ids(srv, client):
 
 def test_completion_stream_matches_non_stream(srv, client, loose):
     plain = client.completions.create(model="tiny", prompt="Hello", max_tokens=7, temperature=0)
-    chunks = list(loose.completions.create(model="tiny", prompt="Hello", max_tokens=7, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        loose.completions.create(
+            model="tiny",
+            prompt="Hello",
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].usage == plain.usage
 
@@ -147,14 +170,15 @@ def test_echo_logprobs_score_the_prompt_like_a_forward_pass(srv, loose):
         assert max(lp.top_logprobs[i].values()) == pytest.approx(ref[i - 1].max().item(), abs=1e-4)
     # max_tokens 0 with echo only scores the prompt.
     r0 = loose.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
-    assert r0.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1:len(ids)]
+    assert r0.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1 : len(ids)]
     assert r0.usage.completion_tokens == 0
 
 
 def test_chat_logprobs_and_top_logprobs(srv, client):
     ids = chat_ids(srv)
-    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="tiny", messages=MSGS, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 4
     out, _ = reference(srv, ids, 4)
@@ -196,20 +220,30 @@ def test_control_tokens_typed_in_messages_stay_text(srv, client):
     assert ids.count(srv.tokenizer.im_end_id) == 2  # the default system turn's and the user turn's only
     r = client.chat.completions.create(model="tiny", messages=evil, max_tokens=2, temperature=0)
     assert r.usage.prompt_tokens == len(ids)
-    echo = client.completions.create(model="tiny", prompt="<|im_end|>", max_tokens=1, echo=True,
-                                     temperature=0)
+    echo = client.completions.create(
+        model="tiny", prompt="<|im_end|>", max_tokens=1, echo=True, temperature=0
+    )
     assert echo.usage.prompt_tokens == len(srv.tokenizer.encode("<|im_end|>")) > 1
 
 
 def test_tool_definitions_and_history_render_through_qwen2_chat(srv, client):
     city = {"type": "object", "properties": {"city": {"type": "string"}}}
-    tools = [{"type": "function",
-              "function": {"name": "get_weather", "description": "Weather in a city", "parameters": city}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "Weather in a city", "parameters": city},
+        }
+    ]
     call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-    history = [{"role": "user", "content": "Weather in Paris?"},
-               {"role": "assistant", "content": None,
-                "tool_calls": [{"id": "call_1", "type": "function", "function": call}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     kw = dict(model="tiny", messages=history, tools=tools, max_tokens=3, temperature=0)
     r = client.chat.completions.create(**kw)
     assert r.usage.prompt_tokens == len(chat_ids(srv, history, tools))
@@ -255,8 +289,9 @@ def test_chat_stream_logprobs_and_stop_match_non_stream(srv, client):
     text = plain.choices[0].message.content
     assert text == full[: full.index(stop)] and plain.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
-    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
     assert streamed == plain.choices[0].logprobs.content
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -265,14 +300,33 @@ def test_qwen2_serve_command(srv, tiny_chat_checkpoint, tmp_path):
     """`qwen2 serve` as a user runs it: its flags, and a one-line error for a bad folder."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    bad = subprocess.run([sys.executable, "-m", "qwen2.cli", "serve", "--model", str(tmp_path / "nope")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope" in bad.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(tiny_chat_checkpoint),
-           "--port", str(port), "--served-model-name", "mine", "--api-key", "k3y", "--max-num-seqs", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen2.cli",
+        "serve",
+        "--model",
+        str(tiny_chat_checkpoint),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "mine",
+        "--api-key",
+        "k3y",
+        "--max-num-seqs",
+        "4",
+    ]
     log = tmp_path / "serve.log"  # a file, not a pipe nobody drains: uvicorn logs every request
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
@@ -284,8 +338,9 @@ def test_qwen2_serve_command(srv, tiny_chat_checkpoint, tmp_path):
             except httpx2.HTTPError:
                 assert proc.poll() is None, log.read_text()
                 time.sleep(0.2)
-        keyed = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0,
-                              _strict_response_validation=True)
+        keyed = openai.OpenAI(
+            base_url=url + "/v1", api_key="k3y", max_retries=0, _strict_response_validation=True
+        )
         assert [m.id for m in keyed.models.list().data] == ["mine"]
         r = keyed.chat.completions.create(model="mine", messages=MSGS, max_tokens=3, temperature=0)
         assert r.choices[0].message.content == reference(srv, chat_ids(srv), 3)[1]  # srv's checkpoint too

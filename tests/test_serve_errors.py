@@ -25,13 +25,19 @@ def srv(start_server):
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60,
-                         _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=srv.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=60,
+        _strict_response_validation=True,
+    )
 
 
 def canary(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "still there?"}],
-                                       max_tokens=2, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "still there?"}], max_tokens=2, temperature=0
+    )
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
 
 
@@ -54,15 +60,21 @@ RAW = {  # bodies no well-behaved client sends: (path, body, expected param)
     "malformed json": (CH, b'{"model": "tiny", "messages": [', None),
     "not an object": (CO, b"[1, 2, 3]", None),
     "invalid utf-8": (CO, b'{"model": "tiny", "prompt": "\xff\xfe"}', None),
-    "NaN": (CH, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
-            None),
+    "NaN": (
+        CH,
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        None,
+    ),
     "Infinity": (CO, b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', None),
     "-Infinity": (CO, b'{"model": "tiny", "prompt": "x", "temperature": -Infinity}', None),
     "1e999": (CO, b'{"model": "tiny", "prompt": "x", "temperature": 1e999}', None),
     "huge integer": (CO, b'{"model": "tiny", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", None),
     "deep nesting": (CO, b'{"model": "tiny", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),
-    "lone surrogate": (CH, b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
-                       "messages.0.content"),
+    "lone surrogate": (
+        CH,
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "messages.0.content",
+    ),
     "empty body": (CH, b"", None),
 }
 
@@ -84,13 +96,30 @@ BAD = {  # (path, body, status, param)
     "missing model": (CO, {"prompt": "x"}, 400, "model"),
     "empty messages": (CH, dict(CHAT, messages=[]), 400, "messages"),
     "unknown role": (CH, dict(CHAT, messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role"),
-    "content of wrong type": (CH, dict(CHAT, messages=[{"role": "user", "content": 5}]), 400,
-                              "messages.0.content"),
+    "content of wrong type": (
+        CH,
+        dict(CHAT, messages=[{"role": "user", "content": 5}]),
+        400,
+        "messages.0.content",
+    ),
     "message not an object": (CH, dict(CHAT, messages=["hello"]), 400, "messages.0"),
-    "tool call arguments not JSON": (CH, dict(CHAT, messages=[{"role": "user", "content": "x"}, {
-        "role": "assistant",
-        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]),
-        400, "messages"),
+    "tool call arguments not JSON": (
+        CH,
+        dict(
+            CHAT,
+            messages=[
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                    ],
+                },
+            ],
+        ),
+        400,
+        "messages",
+    ),
     "unknown model (chat)": (CH, dict(CHAT, model="gpt-4o"), 404, "model"),
     "unknown model (completions)": (CO, dict(COMPLETION, model="davinci"), 404, "model"),
     "temperature above 2": (CH, dict(CHAT, temperature=2.5), 400, "temperature"),
@@ -131,8 +160,9 @@ def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                       temperature=9)
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], temperature=9
+        )
     assert e.value.body["param"] == "temperature"
     canary(client)
 
@@ -150,16 +180,21 @@ def test_api_key(start_server):
         openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert_openai_error(post(s, "/v1/chat/completions", CHAT), 401)  # no key at all
     assert_openai_error(post(s, "/v1/completions", COMPLETION, authorization="Bearer wrong"), 401)
-    good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0,
-                         _strict_response_validation=True)
+    good = openai.OpenAI(
+        base_url=s.url + "/v1", api_key="sekret", max_retries=0, _strict_response_validation=True
+    )
     canary(good)
     assert httpx2.get(s.url + "/health").status_code == 200  # health checks need no key
 
 
 def test_disconnect_mid_stream_frees_the_cache(srv, client):
     engine = srv.engine
-    with httpx2.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
-                       json=dict(CHAT, max_tokens=1500, temperature=0, stream=True, ignore_eos=True)) as resp:
+    with httpx2.stream(
+        "POST",
+        srv.url + "/v1/chat/completions",
+        timeout=60,
+        json=dict(CHAT, max_tokens=1500, temperature=0, stream=True, ignore_eos=True),
+    ) as resp:
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few events: the request is running
         assert any(line.startswith("data: ") for line in got)
@@ -173,8 +208,10 @@ def test_disconnect_before_a_whole_reply_frees_the_cache(srv, client):
     # the hang-up comes exactly when the request is known to be running).
     engine = srv.engine
     body = json.dumps(dict(CHAT, max_tokens=2000, temperature=0, ignore_eos=True)).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection((HOST, int(srv.url.rsplit(":", 1)[1]))) as sock:
         sock.sendall(head + body)
         seqs = []
@@ -196,8 +233,12 @@ def test_chunked_body_over_the_limit_gets_413(srv, client):
             yield b"x" * 1024
         yield b'"}'
 
-    resp = httpx2.post(srv.url + "/v1/completions", content=chunks(),
-                       headers={"content-type": "application/json"}, timeout=60)
+    resp = httpx2.post(
+        srv.url + "/v1/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert "content-length" not in resp.request.headers
     assert_openai_error(resp, 413)
     canary(client)
@@ -219,8 +260,9 @@ def test_overload_gets_a_fast_503_not_a_hang(start_server):
     engine = s.engine
     hold = dict(CHAT, max_tokens=2000, temperature=0, stream=True, ignore_eos=True)
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(httpx2.stream("POST", s.url + CH, json=hold, timeout=60))
-                for _ in range(2)]
+        held = [
+            stack.enter_context(httpx2.stream("POST", s.url + CH, json=hold, timeout=60)) for _ in range(2)
+        ]
         lines = [r.iter_lines() for r in held]
         for it in lines:  # each holder's first event: its request was accepted
             assert next(line for line in it if line.startswith("data: "))
@@ -232,8 +274,9 @@ def test_overload_gets_a_fast_503_not_a_hang(start_server):
 
         async def refused():
             with pytest.raises(openai.APIStatusError) as e:
-                await aclient.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
-                                                      messages=[{"role": "user", "content": "go"}])
+                await aclient.chat.completions.create(
+                    model="tiny", max_tokens=2, temperature=0, messages=[{"role": "user", "content": "go"}]
+                )
             return e.value
 
         async def main():
@@ -263,8 +306,13 @@ def test_prompt_checks_are_sampling_check_prompt(srv):
     ]
     for prompt, max_tokens, param, code in cases:
         with pytest.raises(ValueError) as want:
-            check_prompt(prompt, context=limits.max_model_len, vocab_size=limits.vocab,
-                         max_new_tokens=max_tokens, limit=limits.limit)
+            check_prompt(
+                prompt,
+                context=limits.max_model_len,
+                vocab_size=limits.vocab,
+                max_new_tokens=max_tokens,
+                limit=limits.limit,
+            )
         resp = post(srv, "/v1/completions", dict(COMPLETION, prompt=prompt, max_tokens=max_tokens))
         assert_openai_error(resp, 400, param)
         assert resp.json()["error"]["message"] == str(want.value) and resp.json()["error"]["code"] == code

@@ -43,8 +43,12 @@ def test_no_serve_module_but_init_imports_app(name):
 
 def test_imported_names_sees_lazy_and_relative_imports(tmp_path):
     src = tmp_path / "m.py"
-    for text in ("def f():\n    from qwen2.serve.app import create_app\n", "from . import app\n",
-                 "from .app import serve\n", "import qwen2.serve.app\n"):
+    for text in (
+        "def f():\n    from qwen2.serve.app import create_app\n",
+        "from . import app\n",
+        "from .app import serve\n",
+        "import qwen2.serve.app\n",
+    ):
         src.write_text(text)
         assert "qwen2.serve.app" in imported_names(src), text
 
@@ -73,8 +77,9 @@ print(len(orders))
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter():
-    run = subprocess.run([sys.executable, "-c", SCRIPT, *MODULES], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *MODULES], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(run.stdout.split()[-1]) == 2 * len(MODULES)
 
@@ -83,9 +88,11 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
 def test_a_missing_serve_extra_is_one_line_from_the_cli(missing, tmp_path):
     """Without fastapi (importing qwen2.serve) or uvicorn (serve()), `qwen2 serve` prints one line naming
     the extra and exits 2, before it loads anything. sys.modules[name] = None is how Python blocks one."""
-    code = (f"import sys; sys.modules[{missing!r}] = None\n"
-            "from qwen2.cli import main\n"
-            f"sys.exit(main(['serve', '--model', {str(tmp_path / 'ckpt')!r}]))\n")
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "from qwen2.cli import main\n"
+        f"sys.exit(main(['serve', '--model', {str(tmp_path / 'ckpt')!r}]))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     feature = "qwen2.serve (the OpenAI-compatible server)" if missing == "fastapi" else "serving over HTTP"

@@ -19,16 +19,27 @@ DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 def browser(tmp_path_factory):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the `test` extra")
     if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(apt-get install -y chromium chromium-driver); not installed here")
+        pytest.skip(
+            "headless browser test needs Debian's chromium and chromium-driver "
+            "(apt-get install -y chromium chromium-driver); not installed here"
+        )
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     # As root in a sandbox, with no network beyond loopback: no sandbox, no GPU, no background fetches.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=DRIVER))
     driver.set_page_load_timeout(30)
@@ -41,8 +52,9 @@ def test_chat_page_streams_the_same_reply_as_the_api(start_server, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     srv = start_server()
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
-                           _strict_response_validation=True)
+    client = openai.OpenAI(
+        base_url=srv.url + "/v1", api_key="x", max_retries=0, _strict_response_validation=True
+    )
     browser.get(srv.url + "/")
     assert "qwen2" in browser.title and browser.find_element(By.ID, "model").text == "tiny"
     for field, value in (("temperature", "0"), ("max-tokens", "24")):

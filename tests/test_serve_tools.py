@@ -15,9 +15,12 @@ from qwen2.model import build_model
 from qwen2.tokenizer.chat import encode_chat
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-TOOLS = [{"type": "function",
-          "function": {"name": "get_weather", "description": "Current weather in a city",
-                       "parameters": CITY}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": CITY},
+    }
+]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -42,21 +45,26 @@ def srv(start_server):
         if loss.item() < 0.05 and logits.argmax(-1).tolist() == target:
             break
     model.eval()
-    got = list(generate(model, prompt, max_new_tokens=len(target) + 4, temperature=0.0,
-                        stop_token_ids=[tok.im_end_id]))
+    got = list(
+        generate(
+            model, prompt, max_new_tokens=len(target) + 4, temperature=0.0, stop_token_ids=[tok.im_end_id]
+        )
+    )
     assert got == target, "the tiny model did not learn the reply"
     return start_server(model=model)
 
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60,
-                         _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60, _strict_response_validation=True
+    )
 
 
 def test_tool_call_comes_back_in_openai_shape(client):
-    r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0,
-                                       max_tokens=64)
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=64
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -65,8 +73,11 @@ def test_tool_call_comes_back_in_openai_shape(client):
 
 
 def test_streamed_tool_call_holds_back_the_markup(client):
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0,
-                                                 max_tokens=64, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=64, stream=True
+        )
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert "<tool_call>" not in content and content.strip() == ""
@@ -93,8 +104,9 @@ def test_ignore_eos_generates_through_the_stop_token(client, srv):
     normal = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
     assert normal.usage.completion_tokens == len(tok.encode(REPLY)) + 1
     assert normal.choices[0].finish_reason == "stop"
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
+    )
     want = list(generate(srv.model, prompt, max_new_tokens=n, temperature=0.0))  # no stop tokens at all
     assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
     assert r.choices[0].text == tok.decode(want) and r.choices[0].text.startswith(REPLY + "<|im_end|>")

@@ -1,7 +1,8 @@
 """TextStream: released text equals the one-shot decode cut at the first stop string, for every split."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwen2.tokenizer.bpe import load_tokenizer
 from qwen2.tokenizer.stream import TextStream
@@ -41,14 +42,19 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 ALPHABET = "ab\n世界é"  # short stop strings over few characters match often; multi-byte characters split
-DATA = st.one_of(st.text(ALPHABET, max_size=24).map(str.encode),
-                 st.binary(max_size=24),  # invalid UTF-8 too: replacement characters as decode() puts them
-                 st.lists(st.sampled_from([b"a", b"\xe4", b"\xb8", b"\x96", "世".encode(), b"\n"]),
-                          max_size=16).map(b"".join))
+DATA = st.one_of(
+    st.text(ALPHABET, max_size=24).map(str.encode),
+    st.binary(max_size=24),  # invalid UTF-8 too: replacement characters as decode() puts them
+    st.lists(st.sampled_from([b"a", b"\xe4", b"\xb8", b"\x96", "世".encode(), b"\n"]), max_size=16).map(
+        b"".join
+    ),
+)
 STOPS = st.lists(st.text(ALPHABET + "\ufffd", min_size=0, max_size=4), max_size=3)
 
 
-def run(tok: PieceTokenizer, ids: list[int], stops: list[str]) -> tuple[TextStream, list[tuple[list[int], str]]]:
+def run(
+    tok: PieceTokenizer, ids: list[int], stops: list[str]
+) -> tuple[TextStream, list[tuple[list[int], str]]]:
     s, out = TextStream(tok, stops), []
     for i in ids:
         out.append(s.push(i))
@@ -71,7 +77,9 @@ def test_released_text_is_the_decode_cut_at_the_first_stop_for_every_split(data,
         assert s.ids == [i for r, _ in out for i in r] == ids[: len(s.ids)]
         if stopped:
             # The released ids are exactly those whose text lies wholly before the stop string.
-            reach = [len(tok.decode_bytes(ids[:k]).decode("utf-8", errors="replace")) for k in range(len(ids) + 1)]
+            reach = [
+                len(tok.decode_bytes(ids[:k]).decode("utf-8", errors="replace")) for k in range(len(ids) + 1)
+            ]
             assert len(s.ids) == max(k for k in range(len(ids) + 1) if reach[k] <= len(want))
         else:
             assert s.ids == ids
@@ -101,7 +109,9 @@ def test_holds_back_split_utf8_and_stop_prefixes():
     ids = tok.ids([bytes([b]) for b in "你好世界!".encode()])
     s = TextStream(tok, ["世界"])
     texts = [s.push(i)[1] for i in ids]
-    assert texts == ["", "", "你", "", "", "好"] + [""] * 7  # 世 could begin 世界: held; "!" comes after the stop
+    assert (
+        texts == ["", "", "你", "", "", "好"] + [""] * 7
+    )  # 世 could begin 世界: held; "!" comes after the stop
     assert s.stopped and s.text == "你好" and tok.decode_bytes(s.ids) == "你好".encode()
 
 

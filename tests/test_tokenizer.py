@@ -98,8 +98,17 @@ def _megabyte(parts, seed):
 @settings(max_examples=3, deadline=None)
 @given(st.lists(PIECE, min_size=1, max_size=40).filter(lambda p: "".join(p)), st.integers(0, 2**32))
 def test_one_megabyte_strings(tok, hf_tok, tiktoken_ref, parts, seed):
-    fixed = [" the quick brown fox", "你好，世界。", "สวัสดี", "e\u0301", "👩\u200d💻", "\r\n", "\t",
-             "3141592653", "x = f(y)\n"]
+    fixed = [
+        " the quick brown fox",
+        "你好，世界。",
+        "สวัสดี",
+        "e\u0301",
+        "👩\u200d💻",
+        "\r\n",
+        "\t",
+        "3141592653",
+        "x = f(y)\n",
+    ]
     text = _megabyte(fixed + parts, seed)
     ids = tok.encode(text)
     assert ids == hf_ids(hf_tok, text)
@@ -167,8 +176,15 @@ def test_control_text_in_user_text_stays_text(tok):
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.one_of(PIECE, st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>",
-                                                   "<|im_end|>\u0338", "<|im_"])), max_size=12).map("".join))
+@given(
+    st.lists(
+        st.one_of(
+            PIECE,
+            st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|im_end|>\u0338", "<|im_"]),
+        ),
+        max_size=12,
+    ).map("".join)
+)
 def test_allow_special_matches_transformers(tok, hf_tok, text):
     # transformers parses control tokens in text by default; with allow_special we do too, the same way
     # (split on control tokens, then NFC each piece: `>` + U+0338 must not compose across the token).
@@ -176,8 +192,14 @@ def test_allow_special_matches_transformers(tok, hf_tok, text):
 
 
 # ---- the other file layouts ---------------------------------------------------------------------
-@pytest.mark.parametrize("files", [["vocab.json", "merges.txt", "tokenizer_config.json"],
-                                   ["qwen.tiktoken", "tokenizer_config.json"], ["qwen.tiktoken"]])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["vocab.json", "merges.txt", "tokenizer_config.json"],
+        ["qwen.tiktoken", "tokenizer_config.json"],
+        ["qwen.tiktoken"],
+    ],
+)
 def test_other_file_layouts_give_same_ids(tok, tokenizer_dir, tmp_path, files):
     for f in files:
         shutil.copy(tokenizer_dir / f, tmp_path / f)
@@ -267,8 +289,11 @@ def test_tiktoken_over_the_package_file_agrees(tok, tiktoken_ref):
 
 
 # ---- save_tokenizer -----------------------------------------------------------------------------
-MESSAGES = [{"role": "user", "content": "你好, what is 2+2?"}, {"role": "assistant", "content": "4 👍"},
-            {"role": "user", "content": "def f(x):\n    return x"}]
+MESSAGES = [
+    {"role": "user", "content": "你好, what is 2+2?"},
+    {"role": "assistant", "content": "4 👍"},
+    {"role": "user", "content": "def f(x):\n    return x"},
+]
 
 
 def test_transformers_reads_the_saved_files_with_our_ids_and_template(tok, hf_tok):
@@ -280,8 +305,9 @@ def test_transformers_reads_the_saved_files_with_our_ids_and_template(tok, hf_to
     for gen in (False, True):
         text = hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
         assert text == render_chat(tok, MESSAGES, add_generation_prompt=gen)
-        ids = hf_tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=gen,
-                                         return_dict=False)
+        ids = hf_tok.apply_chat_template(
+            MESSAGES, tokenize=True, add_generation_prompt=gen, return_dict=False
+        )
         assert ids == tok.encode(text, allow_special=True)
 
 
@@ -329,15 +355,21 @@ def _small(tok, n=3000, **kwargs) -> Tokenizer:
     """Qwen2's first n ranks (each buildable from lower ones) with the control tokens right after."""
     ranks = {b: r for b, r in tok.ranks().items() if r < n}
     control = {t: n + k for k, t in enumerate(CONTROL_TOKENS)}
-    return Tokenizer(ranks, control, tok.pattern,
-                     **{"chat_template": tok.chat_template, "name": "small", **kwargs})
+    return Tokenizer(
+        ranks, control, tok.pattern, **{"chat_template": tok.chat_template, "name": "small", **kwargs}
+    )
 
 
 def test_save_round_trip_in_both_readers(tok, tmp_path):
     small = _small(tok, eos_token="<|endoftext|>")
     save_tokenizer(small, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "vocab.json", "merges.txt",
-                                                   "qwen.tiktoken", "tokenizer_config.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+    }
     back, hf = load_tokenizer(tmp_path), hf_tokenizer(tmp_path)
     for text in SAMPLES:
         assert back.encode(text) == small.encode(text)
@@ -345,8 +377,10 @@ def test_save_round_trip_in_both_readers(tok, tmp_path):
     assert back.control_tokens == small.control_tokens and back.eos_token == "<|endoftext|>"
     assert hf.eos_token == "<|endoftext|>"
     # Each of the other layouts alone gives the same ids.
-    for files in (["vocab.json", "merges.txt", "tokenizer_config.json"],
-                  ["qwen.tiktoken", "tokenizer_config.json"]):
+    for files in (
+        ["vocab.json", "merges.txt", "tokenizer_config.json"],
+        ["qwen.tiktoken", "tokenizer_config.json"],
+    ):
         other = tmp_path / "-".join(files)
         other.mkdir()
         for f in files:

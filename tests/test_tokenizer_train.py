@@ -39,8 +39,13 @@ def trained(tmp_path_factory):
 
 def test_written_files_and_control_tokens(trained):
     out, tok = trained
-    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "vocab.json", "merges.txt",
-                                              "tokenizer_config.json", "qwen.tiktoken"}
+    assert {p.name for p in out.iterdir()} == {
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "qwen.tiktoken",
+    }
     assert len(tok) == VOCAB and tok.n_regular == VOCAB - 3
     assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (VOCAB - 3, VOCAB - 2, VOCAB - 1)
     assert tok.chat_template == QWEN2_CHAT_TEMPLATE
@@ -87,8 +92,18 @@ def test_derive_merges_drops_unbuildable_tokens():
 def test_cli(tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text(open(_corpus_files()[0], encoding="utf-8").read())
-    train = lambda src, size, out: main(["tokenizer", "train", "--input", str(src),  # noqa: E731
-                                         "--vocab-size", str(size), "--out", str(tmp_path / out)])
+    train = lambda src, size, out: main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(src),  # noqa: E731
+            "--vocab-size",
+            str(size),
+            "--out",
+            str(tmp_path / out),
+        ]
+    )
     assert train(src, 400, "t") == 0
     assert len(load_tokenizer(tmp_path / "t")) <= 400
     assert train(src, 100, "u") == 2

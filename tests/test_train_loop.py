@@ -50,8 +50,9 @@ def test_clipping_scales_the_global_norm_to_the_limit(tmp_path):
         grads = [p.grad.clone() for p in t.model.parameters()]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         assert t._clip() == pytest.approx(float(norm), rel=1e-5)  # reports the norm before clipping
-        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
-                                                      for p in t.model.parameters()]))
+        after = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in t.model.parameters()])
+        )
         if clip:
             assert norm > clip and float(after) == pytest.approx(clip, rel=1e-4)
         else:  # 0 disables clipping
@@ -73,7 +74,8 @@ def test_activation_checkpointing_recomputes_layers_and_gives_the_same_step(tmp_
     calls = {"plain": 0, "ckpt": 0}
     for key, t in (("plain", plain), ("ckpt", ckpt)):
         t.model.model.layers[0].self_attn.register_forward_hook(
-            lambda *a, k=key: calls.__setitem__(k, calls[k] + 1))
+            lambda *a, k=key: calls.__setitem__(k, calls[k] + 1)
+        )
     b = _batch()
     m1, m2 = plain.train_step(next_token_loss, [b], 10), ckpt.train_step(next_token_loss, [b], 10)
     assert calls == {"plain": 1, "ckpt": 2}  # the checkpointed layer ran again in backward
@@ -99,8 +101,11 @@ def shards(tmp_path):
     from qwen2.data.shards import write_shards
 
     rng = np.random.default_rng(0)
-    write_shards([rng.integers(1, 256, rng.integers(10, 80)).tolist() for _ in range(60)], tmp_path / "data",
-                 meta={"endoftext_id": 0})
+    write_shards(
+        [rng.integers(1, 256, rng.integers(10, 80)).tolist() for _ in range(60)],
+        tmp_path / "data",
+        meta={"endoftext_id": 0},
+    )
     return tmp_path / "data"
 
 
@@ -108,8 +113,13 @@ def _fit(run, shards, steps=4, **cfg):
     from qwen2.data import PackedLoader
 
     t = _trainer(run, batch_size=2, eval_every=2, **cfg)
-    t.fit(next_token_loss, PackedLoader(shards, 16, 2, seed=0), end_step=steps, desc="test",
-          eval_batches=lambda: [next(PackedLoader(shards, 16, 2, seed=0, shuffle=False))])
+    t.fit(
+        next_token_loss,
+        PackedLoader(shards, 16, 2, seed=0),
+        end_step=steps,
+        desc="test",
+        eval_batches=lambda: [next(PackedLoader(shards, 16, 2, seed=0, shuffle=False))],
+    )
     t.close()
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

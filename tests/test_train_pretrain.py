@@ -10,8 +10,10 @@ import torch
 
 from qwen2.cli import main
 
-WORDS = ("the value of each item is returned by the function when called with a list of numbers and a key "
-         "import os sys path self return None True False def class for in if else while try except").split()
+WORDS = (
+    "the value of each item is returned by the function when called with a list of numbers and a key "
+    "import os sys path self return None True False def class for in if else while try except"
+).split()
 
 
 def _write_corpus(root, n_files=40, seed=0):
@@ -66,9 +68,18 @@ def _records(run_dir):
 
 def test_both_stages_run_and_every_output_is_written(run):
     run_dir, _ = run
-    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
-                 "model/tokenizer_config.json", "report.md", "report.json", "loss.png", "long_context.png",
-                 "summary.json", "metrics.jsonl"):
+    for name in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/tokenizer_config.json",
+        "report.md",
+        "report.json",
+        "loss.png",
+        "long_context.png",
+        "summary.json",
+        "metrics.jsonl",
+    ):
         assert (run_dir / name).is_file(), name
     steps = {(r["stage"], r["step"]) for r in _records(run_dir) if "loss" in r}
     assert steps == {("pretrain", s) for s in range(1, 5)} | {("long", s) for s in range(5, 8)}
@@ -94,8 +105,9 @@ def test_exported_model_loads_and_its_logits_equal_transformers(run):
     assert ours.model.layers[0].self_attn.q_proj.bias is not None
     tok = load_tokenizer(model_dir)
     ids = torch.tensor([tok.encode("def value(x, y):\n    return x + y")])
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -40,8 +40,13 @@ def _run(run_dir, data_dir, kill_at: str | None = None, timeout=120) -> int:
     env.pop("QWEN2_TEST_KILL", None)
     if kill_at:
         env["QWEN2_TEST_KILL"] = kill_at
-    p = subprocess.run([sys.executable, str(HERE), str(run_dir), str(data_dir), str(STEPS)], env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, str(HERE), str(run_dir), str(data_dir), str(STEPS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if p.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"worker failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p.returncode
@@ -87,8 +92,13 @@ def test_sigkill_during_saves_and_at_random_moments_resumes_bit_identically(tmp_
     for _ in range(6):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("QWEN2_TEST_KILL", None)
-        p = subprocess.Popen([sys.executable, str(HERE), str(run), str(data_dir), str(STEPS)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, str(HERE), str(run), str(data_dir), str(STEPS)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(rnd.uniform(3.0, 6.0))
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
@@ -103,8 +113,9 @@ def test_sigkill_during_saves_and_at_random_moments_resumes_bit_identically(tmp_
     assert ours == ref  # bit-identical: the same float32 values, step by step
     assert len(list_checkpoints(run)) == 2  # keep_last
     assert not [p for p in checkpoint_root(run).iterdir() if p.name.startswith((".tmp-", ".trash-"))]
-    assert (list_checkpoints(run)[-1] / "model" / "model.safetensors").read_bytes() == \
-        (list_checkpoints(ref_run)[-1] / "model" / "model.safetensors").read_bytes()
+    assert (list_checkpoints(run)[-1] / "model" / "model.safetensors").read_bytes() == (
+        list_checkpoints(ref_run)[-1] / "model" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_resume_refuses_another_world_size_and_ignores_partial_folders(tmp_path, reference):
@@ -164,12 +175,18 @@ def _worker(run_dir: str, data_dir: str, steps: int):
     torch.set_num_threads(1)
     train, val = ShardSet(data_dir).split(0.1, seed=0)
     model = build_model(ModelConfig.preset("tiny"), seed=0)
-    trainer = Trainer(model, TrainConfig(batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=3, eval_every=5,
-                                         ckpt_every=2, keep_last=2), run_dir)
+    trainer = Trainer(
+        model,
+        TrainConfig(
+            batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=3, eval_every=5, ckpt_every=2, keep_last=2
+        ),
+        run_dir,
+    )
     loader = PackedLoader(train, 32, 4, seed=0)
     ckpt = state.latest_checkpoint(run_dir)
     if ckpt is not None:
         state.load_checkpoint(trainer, loader, ckpt)
+
     def eval_batches():
         held_out = PackedLoader(val, 32, 4, seed=0, shuffle=False)
         return [next(held_out) for _ in range(2)]

@@ -101,8 +101,10 @@ def test_reinit_zero_reassembles_the_dense_ffn(h_ffn, h_e, n):
     assert n * h_e == copies * h_ffn
     layer = upcycle_layer(gate, up, down, r, torch.Generator().manual_seed(2))
     t = layer.tensors
-    cat = {k: torch.cat([t[f"experts.{e}.{k}.weight"] for e in range(n)], dim=1 if k == "down_proj" else 0)
-           for k in ("gate_proj", "up_proj", "down_proj")}
+    cat = {
+        k: torch.cat([t[f"experts.{e}.{k}.weight"] for e in range(n)], dim=1 if k == "down_proj" else 0)
+        for k in ("gate_proj", "up_proj", "down_proj")
+    }
     for c in range(copies):
         undo = layer.perms[c].argsort()
         rows = slice(c * h_ffn, (c + 1) * h_ffn)
@@ -114,8 +116,10 @@ def test_reinit_zero_reassembles_the_dense_ffn(h_ffn, h_e, n):
     assert torch.equal(t["shared_expert.down_proj.weight"][:, undo], down)
     # Each slice is a valid sub-MLP: the experts together compute `copies` times the dense FFN.
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(3))
-    total = sum(swiglu(x, *(t[f"experts.{e}.{k}.weight"] for k in ("gate_proj", "up_proj", "down_proj")))
-                for e in range(n))
+    total = sum(
+        swiglu(x, *(t[f"experts.{e}.{k}.weight"] for k in ("gate_proj", "up_proj", "down_proj")))
+        for e in range(n)
+    )
     torch.testing.assert_close(total, copies * swiglu(x, gate, up, down), rtol=1e-5, atol=1e-4)
 
 
@@ -137,8 +141,13 @@ def test_upcycle_is_layerwise_reproducible_and_copies_the_rest():
     r = make_recipe(dense.config, **{k: v for k, v in opts.items()})
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}.mlp."
-        layer = upcycle_layer(dstate[p + "gate_proj.weight"], dstate[p + "up_proj.weight"],
-                              dstate[p + "down_proj.weight"], r, layer_generator(5, i))
+        layer = upcycle_layer(
+            dstate[p + "gate_proj.weight"],
+            dstate[p + "up_proj.weight"],
+            dstate[p + "down_proj.weight"],
+            r,
+            layer_generator(5, i),
+        )
         for k, v in layer.tensors.items():
             assert torch.equal(state[p + k], v), p + k
         assert not layer.tensors["shared_expert_gate.weight"].any()  # sigmoid(0) = 1/2 at the start
@@ -147,8 +156,10 @@ def test_upcycle_is_layerwise_reproducible_and_copies_the_rest():
 
         Qwen2(config).load_state_dict(state, strict=True, assign=True)
     _, other = upcycle(dense, **{**opts, "seed": 6})
-    assert not torch.equal(other["model.layers.0.mlp.experts.0.gate_proj.weight"],
-                           state["model.layers.0.mlp.experts.0.gate_proj.weight"])
+    assert not torch.equal(
+        other["model.layers.0.mlp.experts.0.gate_proj.weight"],
+        state["model.layers.0.mlp.experts.0.gate_proj.weight"],
+    )
 
 
 def test_function_preserving_choice_gives_the_dense_logits():
@@ -156,8 +167,16 @@ def test_function_preserving_choice_gives_the_dense_logits():
     the shared expert = the whole FFN under sigmoid(0) = 1/2: routed (copies / n = 1/2) + shared (1/2) = dense
     End to end: slicing, permutations, config and the MoE block agree with the dense model."""
     dense = build_model(tiny_dense(), seed=1)
-    config, state = upcycle(dense, num_experts=4, top_k=4, expert_size=32, shared_expert_size=64, reinit=0.0,
-                            router_std=0.0, norm_topk_prob=True)
+    config, state = upcycle(
+        dense,
+        num_experts=4,
+        top_k=4,
+        expert_size=32,
+        shared_expert_size=64,
+        reinit=0.0,
+        router_std=0.0,
+        norm_topk_prob=True,
+    )
     from qwen2.model import Qwen2
 
     with torch.device("meta"):
@@ -173,14 +192,22 @@ def test_checkpoint_reads_in_transformers_and_ours(tmp_path):
     save_model(build_model(config, seed=2), tmp_path / "dense")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER / name, tmp_path / "dense" / name)
-    out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=16, top_k=4, expert_size=64,
-                             shared_experts=4, seed=3)
+    out = upcycle_checkpoint(
+        tmp_path / "dense",
+        tmp_path / "moe",
+        num_experts=16,
+        top_k=4,
+        expert_size=64,
+        shared_experts=4,
+        seed=3,
+    )
     assert (out / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["Qwen2MoeForCausalLM"] and written["upcycling"]["copies"] == 2
     ours = load_model(out, dtype=torch.float32)
-    hf = transformers.Qwen2MoeForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                          attn_implementation="eager")
+    hf = transformers.Qwen2MoeForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager"
+    )
     x = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref, got = hf.eval()(x).logits, ours(x)
@@ -207,8 +234,25 @@ def test_cli_plan_and_write(tmp_path, capsys):
     assert "ceil(64 * 2560 / 18944) = 9" in text and "57.410B total" in text and "14.250B active" in text
     save_model(build_model(tiny_dense(), seed=0), tmp_path / "dense")
     paths = ["--model", str(tmp_path / "dense"), "--out", str(tmp_path / "moe")]
-    assert cli(["upcycle", *paths, "--num-experts", "8", "--top-k", "2", "--expert-size", "16",
-                "--shared-experts", "2", "--reinit-mode", "neuron"]) == 0
+    assert (
+        cli(
+            [
+                "upcycle",
+                *paths,
+                "--num-experts",
+                "8",
+                "--top-k",
+                "2",
+                "--expert-size",
+                "16",
+                "--shared-experts",
+                "2",
+                "--reinit-mode",
+                "neuron",
+            ]
+        )
+        == 0
+    )
     c = ModelConfig.from_json(tmp_path / "moe")
     shape = (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.shared_expert_intermediate_size)
     assert shape == (8, 2, 16, 32)

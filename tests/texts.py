@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 
 # ---- tokenizer inputs ------------------------------------------------------------------------------
 EMOJI = ["👨", "👩", "👧", "👦", "❤", "🏳", "🌈", "👍", "🧑", "💻", "🔥", "😀"]
-ZWJ_SEQ = st.lists(st.sampled_from(EMOJI), min_size=2, max_size=5).map("\u200d".join).flatmap(
-    lambda s: st.sampled_from(["", "\ufe0f", "\U0001f3fb", "\U0001f3fd"]).map(lambda mod: s + mod)
+ZWJ_SEQ = (
+    st.lists(st.sampled_from(EMOJI), min_size=2, max_size=5)
+    .map("\u200d".join)
+    .flatmap(lambda s: st.sampled_from(["", "\ufe0f", "\U0001f3fb", "\U0001f3fd"]).map(lambda mod: s + mod))
 )
 CJK = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=20)
 THAI = st.text(st.characters(min_codepoint=0x0E00, max_codepoint=0x0E7F), min_size=1, max_size=20)
@@ -17,11 +19,30 @@ COMBINING = st.tuples(
     st.sampled_from("aeiouAEIOUnc "),
     st.text(st.characters(min_codepoint=0x300, max_codepoint=0x36F), min_size=1, max_size=3),
 ).map("".join)
-SPACES = st.sampled_from(["\t", "\r\n", "\r", "\n", " ", "  ", "   ", "\n\n", " \n", "\u3000", "\xa0",
-                          "\t\t"])
+SPACES = st.sampled_from(
+    ["\t", "\r\n", "\r", "\n", " ", "  ", "   ", "\n\n", " \n", "\u3000", "\xa0", "\t\t"]
+)
 DIGITS = st.text(st.sampled_from("0123456789"), min_size=1, max_size=60)
-WORDS = st.sampled_from(["Hello", " world", "don't", "I'M", "you'll", "'s", " ", "=", "->", "def", "(x)",
-                         "αβγ", "Ärger", "ǅ", "ﬁ", "한국어"])
+WORDS = st.sampled_from(
+    [
+        "Hello",
+        " world",
+        "don't",
+        "I'M",
+        "you'll",
+        "'s",
+        " ",
+        "=",
+        "->",
+        "def",
+        "(x)",
+        "αβγ",
+        "Ärger",
+        "ǅ",
+        "ﬁ",
+        "한국어",
+    ]
+)
 ANY = st.text(st.characters(codec="utf-8"), max_size=30)
 PIECE = st.one_of(ZWJ_SEQ, CJK, THAI, COMBINING, SPACES, DIGITS, WORDS, ANY)
 TEXT = st.one_of(

@@ -13,7 +13,8 @@ _EXPORTS = {
     "save_model": "qwen2.checkpoint",
     "load_tokenizer": "qwen2.tokenizer.bpe",
     "save_tokenizer": "qwen2.tokenizer.bpe",
-    "generate": "qwen2.generation",  # the function; its module is qwen2.generation, so importing it never shadows it
+    # the function; its module is qwen2.generation, so importing it never shadows it
+    "generate": "qwen2.generation",
     "Engine": "qwen2.engine.engine",
 }
 

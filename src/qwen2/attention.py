@@ -44,7 +44,9 @@ class KVCache(Protocol):
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, view: CacheView): ...
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """q [B, Hq, T, d]; k, v [B, Hkv, S, d]; mask [B, 1, T, S] bool or None (causal, T == S).
 
     Returns [B, Hq, T, d]. Query head h reads KV head h // (Hq / Hkv), as repeat_kv does.
@@ -63,10 +65,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 # ---- Dual Chunk Attention (paper 2.2.2; SPEC 3) --------------------------------------------------------
-def dual_chunk_attend(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, positions: torch.Tensor, chunk_len: int, *,
-                      scale: float | torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                      block: int = 1024) -> torch.Tensor:
+def dual_chunk_attend(
+    q_intra: torch.Tensor,
+    q_succ: torch.Tensor,
+    q_inter: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_len: int,
+    *,
+    scale: float | torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    block: int = 1024,
+) -> torch.Tensor:
     """Dual Chunk Attention over keys at absolute positions 0..S-1 (slot j holds position j).
 
     q_intra / q_succ / q_inter [B, Hq, T, d]: the queries rotated at the three positions of

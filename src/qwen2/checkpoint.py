@@ -34,12 +34,28 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Everything of a Hugging Face checkpoint folder that is neither weights nor config.json: the tokenizer in
 # each of its layouts (tokenizer.json; vocab.json + merges.txt; qwen.tiktoken), its config and extra
 # tokens, the chat template newer transformers save beside the config, and the sampling defaults.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
-              "added_tokens.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "qwen.tiktoken",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -58,7 +74,9 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{file}: truncated ({size} bytes), not a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{file}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)")
+            raise CheckpointError(
+                f"{file}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -80,16 +98,22 @@ def _shard_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object): {e}") from None
+            raise CheckpointError(
+                f"{index_file}: not a valid index (needs a 'weight_map' object): {e}"
+            ) from None
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (directory / name).is_file():
-                raise CheckpointError(f"{index_file}: names shard {name!r}, which does not exist in {directory}")
+                raise CheckpointError(
+                    f"{index_file}: names shard {name!r}, which does not exist in {directory}"
+                )
         return [directory / f for f in files]
     if (directory / SINGLE).is_file():
         return [directory / SINGLE]
     pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-    hint = f" Found {pickles}: pickled weights are not loaded; convert them to safetensors." if pickles else ""
+    hint = (
+        f" Found {pickles}: pickled weights are not loaded; convert them to safetensors." if pickles else ""
+    )
     raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX}.{hint}")
 
 
@@ -105,8 +129,13 @@ def _mmap_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> 
     return torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               *, kernels: bool = True) -> Qwen2:
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    kernels: bool = True,
+) -> Qwen2:
     """Load a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory.
 
     dtype: floating tensors are cast to it (default: config.json's torch_dtype); quantized integer
@@ -115,14 +144,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     """
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory (expected a Hugging Face model folder with config.json)")
+        raise FileNotFoundError(
+            f"{directory}: not a directory (expected a Hugging Face model folder with config.json)"
+        )
     config = ModelConfig.from_json(directory / "config.json")
     generation_config = _generation_config(directory)
     files = _shard_files(directory)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"{directory / 'config.json'}: torch_dtype {config.torch_dtype!r} is not a torch dtype")
+            raise CheckpointError(
+                f"{directory / 'config.json'}: torch_dtype {config.torch_dtype!r} is not a torch dtype"
+            )
 
     with torch.device("meta"):
         model = Qwen2(config)
@@ -138,7 +171,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
                 raise CheckpointError(f"tensor {name!r} appears twice: in {headers[name][0]} and in {file}")
             headers[name] = (file, header[name], start)
     if config.tie_word_embeddings:
-        headers.pop("lm_head.weight", None)  # some exports write the tied copy too; the embedding is the one we use
+        headers.pop(
+            "lm_head.weight", None
+        )  # some exports write the tied copy too; the embedding is the one we use
     elif "lm_head.weight" not in headers and "model.embed_tokens.weight" in headers:
         raise CheckpointError(
             f"{directory}: lm_head.weight is missing and config.json has tie_word_embeddings=false; "
@@ -157,10 +192,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     for name, (file, info, _) in headers.items():
         if tuple(info["shape"]) != expected[name]:
             raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {list(info['shape'])}, but config.json implies {list(expected[name])}"
+                f"{file}: tensor {name!r} has shape {list(info['shape'])}, "
+                f"but config.json implies {list(expected[name])}"
             )
 
-    storages = {f: torch.UntypedStorage.from_file(str(f), shared=False, nbytes=f.stat().st_size) for f in files}
+    storages = {
+        f: torch.UntypedStorage.from_file(str(f), shared=False, nbytes=f.stat().st_size) for f in files
+    }
     state = {}
     for name, (file, info, start) in headers.items():
         t = _mmap_tensor(storages[file], start, info)
@@ -218,7 +256,11 @@ def save_model(model: Qwen2, path: str | os.PathLike, max_shard_size: int | str 
         size += nbytes
     old = {p.name for p in directory.glob("model*.safetensors")}
     float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    config = model.config.replace(torch_dtype=str(next(iter(float_dtypes))).removeprefix("torch.")) if len(float_dtypes) == 1 else model.config
+    config = (
+        model.config.replace(torch_dtype=str(next(iter(float_dtypes))).removeprefix("torch."))
+        if len(float_dtypes) == 1
+        else model.config
+    )
     if len(shards) == 1:
         _write_safetensors(shards[0], directory / SINGLE)
         written = {SINGLE}

@@ -38,7 +38,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     rope_theta: float = 1_000_000.0
-    rope_scaling: dict | None = None  # {"type"|"rope_type": "yarn", "factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = (
+        None  # {"type"|"rope_type": "yarn", "factor", "original_max_position_embeddings"}
+    )
     attention_dropout: float = 0.0
     use_sliding_window: bool = False
     sliding_window: int | None = None
@@ -98,13 +100,23 @@ class ModelConfig:
                     f"({type(value).__name__})"
                 )
         if self.model_type not in ("qwen2", "qwen2_moe"):
-            raise ValueError(f"{source}: model_type {self.model_type!r} is not a Qwen2 model (expected 'qwen2' or 'qwen2_moe')")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            raise ValueError(
+                f"{source}: model_type {self.model_type!r} is not a Qwen2 model "
+                "(expected 'qwen2' or 'qwen2_moe')"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{source}: field '{name}' must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"{source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+                f"{source}: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -114,11 +126,18 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
         if self.hidden_act != "silu":
-            raise ValueError(f"{source}: field 'hidden_act' must be 'silu' (Qwen2's SwiGLU), got {self.hidden_act!r}")
+            raise ValueError(
+                f"{source}: field 'hidden_act' must be 'silu' (Qwen2's SwiGLU), got {self.hidden_act!r}"
+            )
         if self.use_sliding_window:
-            raise ValueError(f"{source}: use_sliding_window=true is not supported (no Qwen2 model uses it); set it to false")
+            raise ValueError(
+                f"{source}: use_sliding_window=true is not supported (no Qwen2 model uses it); "
+                "set it to false"
+            )
         if self.rope_type not in ("default", "yarn"):
-            raise ValueError(f"{source}: rope_scaling type {self.rope_type!r} is not supported (use 'yarn' or none)")
+            raise ValueError(
+                f"{source}: rope_scaling type {self.rope_type!r} is not supported (use 'yarn' or none)"
+            )
         if self.rope_type == "yarn":
             factor = self.rope_scaling.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
@@ -127,11 +146,15 @@ class ModelConfig:
             dca = self.dual_chunk_attention_config
             c, w = dca.get("chunk_size"), dca.get("local_size")
             if not (isinstance(c, int) and isinstance(w, int) and 0 <= w < c):
-                raise ValueError(f"{source}: dual_chunk_attention_config needs integers 0 <= local_size < chunk_size, "
-                                 f"got chunk_size={c!r}, local_size={w!r}")
+                raise ValueError(
+                    f"{source}: dual_chunk_attention_config needs integers 0 <= local_size < chunk_size, "
+                    f"got chunk_size={c!r}, local_size={w!r}"
+                )
             if not isinstance(dca.get("original_max_position_embeddings", 0), int):
-                raise ValueError(f"{source}: dual_chunk_attention_config.original_max_position_embeddings must be an "
-                                 f"integer (0: no attention temperature)")
+                raise ValueError(
+                    f"{source}: dual_chunk_attention_config.original_max_position_embeddings must be an "
+                    f"integer (0: no attention temperature)"
+                )
         if self.is_moe:
             if self.model_type != "qwen2_moe":
                 raise ValueError(f"{source}: num_experts > 0 needs model_type 'qwen2_moe'")
@@ -145,7 +168,7 @@ class ModelConfig:
 
     # ---- config.json ------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "rope_parameters" in d and "rope_theta" not in d:
@@ -178,16 +201,24 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if not self.is_moe:  # a dense config.json has no MoE keys
-            for f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-                      "norm_topk_prob", "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers",
-                      "output_router_logits"):
+            for f in (
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "shared_expert_intermediate_size",
+                "norm_topk_prob",
+                "router_aux_loss_coef",
+                "decoder_sparse_step",
+                "mlp_only_layers",
+                "output_router_logits",
+            ):
                 d.pop(f)
         d = {k: v for k, v in d.items() if v is not None}  # absent = the default, as in the Hub's files
         arch = "Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"
         return {"architectures": [arch], **self.extra, **d}
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -204,12 +235,12 @@ class ModelConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- presets ----------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         key = name.removeprefix("Qwen/")
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
@@ -251,29 +282,60 @@ _YARN_X4 = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 3
 
 
 def _dense(hidden, inter, layers, heads, kv, vocab, tie, **kw):
-    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tie, **kw)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+        **kw,
+    )
 
 
 def _base(d, window=131072, layers=None):
-    return {**d, "max_position_embeddings": 131072, "sliding_window": window,
-            "max_window_layers": layers or d["num_hidden_layers"], "eos_token_id": ENDOFTEXT_ID}
+    return {
+        **d,
+        "max_position_embeddings": 131072,
+        "sliding_window": window,
+        "max_window_layers": layers or d["num_hidden_layers"],
+        "eos_token_id": ENDOFTEXT_ID,
+    }
 
 
 def _instruct(d, window=32768, layers=None, eos=IM_END_ID):
-    return {**d, "max_position_embeddings": 32768, "sliding_window": window,
-            "max_window_layers": layers or d["num_hidden_layers"], "eos_token_id": eos}
+    return {
+        **d,
+        "max_position_embeddings": 32768,
+        "sliding_window": window,
+        "max_window_layers": layers or d["num_hidden_layers"],
+        "eos_token_id": eos,
+    }
 
 
 _D05 = _dense(896, 4864, 24, 14, 2, 151936, True)
 _D15 = _dense(1536, 8960, 28, 12, 2, 151936, True)
 _D7 = _dense(3584, 18944, 28, 28, 4, 152064, False)
 _D72 = _dense(8192, 29568, 80, 64, 8, 152064, False)
-_MOE = dict(model_type="qwen2_moe", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, vocab_size=151936, tie_word_embeddings=False,
-            num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
-            shared_expert_intermediate_size=20480, norm_topk_prob=False, router_aux_loss_coef=0.001,
-            decoder_sparse_step=1, mlp_only_layers=[])
+_MOE = dict(
+    model_type="qwen2_moe",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+    num_experts=64,
+    num_experts_per_tok=8,
+    moe_intermediate_size=2560,
+    shared_expert_intermediate_size=20480,
+    norm_topk_prob=False,
+    router_aux_loss_coef=0.001,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 
 PRESETS: dict[str, dict] = {
     "Qwen2-0.5B": _base(_D05),
@@ -291,9 +353,20 @@ PRESETS: dict[str, dict] = {
     "Qwen2-72B-Instruct-YaRN": {**_instruct(_D72, window=131072), "rope_scaling": _YARN_X4},
     # Scaled-down shapes for tests: real ratios (GQA, bias, tying), tiny sizes.
     "tiny": _dense(64, 160, 2, 4, 2, 512, True, max_position_embeddings=2048),
-    "tiny-moe": dict(_MOE, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=512, num_experts=8, num_experts_per_tok=2,
-                     moe_intermediate_size=32, shared_expert_intermediate_size=64, max_position_embeddings=2048),
+    "tiny-moe": dict(
+        _MOE,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        max_position_embeddings=2048,
+    ),
 }
 
 

@@ -17,7 +17,7 @@ still begin a stop string is held back, so a stop string split across tokens is 
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -26,8 +26,18 @@ from qwen2.config import ModelConfig
 from qwen2.sampling import SamplingParams, TokenHistory, check_prompt, sample
 from qwen2.tokenizer.stream import TextStream
 
-__all__ = ["KVCache", "SamplingParams", "prefill", "decode_one", "DecodeStep", "generate", "stream_text",
-           "texts_of", "Generation", "ChatSession"]
+__all__ = [
+    "KVCache",
+    "SamplingParams",
+    "prefill",
+    "decode_one",
+    "DecodeStep",
+    "generate",
+    "stream_text",
+    "texts_of",
+    "Generation",
+    "ChatSession",
+]
 
 
 class KVCache:
@@ -38,8 +48,9 @@ class KVCache:
     forward attends to the slots up to the batch's furthest position, masked per row.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32,
-                 device="cpu"):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32, device="cpu"
+    ):
         # One tensor per layer, not one [L, ...] tensor: a compiled step that writes into a view of a shared
         # buffer copies the whole buffer for every layer's write (functionalization), 24 times per token.
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -57,7 +68,7 @@ class KVCache:
         if t > 1 and not bool(positions[:, 0].any()):
             return CacheView(positions, None, None)
         if torch.compiler.is_compiling():  # every slot: a window that does not depend on the data keeps the
-            w = self.max_len                 # compiled decode step one graph (the mask hides unwritten slots)
+            w = self.max_len  # compiled decode step one graph (the mask hides unwritten slots)
         else:
             w = int(positions.max()) + 1
             if w > self.max_len:
@@ -83,8 +94,9 @@ class KVCache:
 
 # ---- the two model calls ------------------------------------------------------------------------
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None,
-            start: int = 0) -> torch.Tensor:
+def prefill(
+    model, input_ids: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None, start: int = 0
+) -> torch.Tensor:
     """Run the (right-padded) prompts input_ids [B, T] at positions start..start+T-1 into `cache`; return
     the fp32 logits [B, V] at each row's last real token (lengths [B], default T). Only those rows go
     through the output layer."""
@@ -133,9 +145,18 @@ class Generation:
     rows: checked prompts. cache (one row): its first `cached` slots already hold the first `cached`
     prompt tokens (ChatSession), and only the rest of the prompt is prefilled."""
 
-    def __init__(self, model, rows: list[list[int]], params: SamplingParams, tokenizer=None, *,
-                 batched: bool = False, step: DecodeStep | None = None, cache: KVCache | None = None,
-                 cached: int = 0):
+    def __init__(
+        self,
+        model,
+        rows: list[list[int]],
+        params: SamplingParams,
+        tokenizer=None,
+        *,
+        batched: bool = False,
+        step: DecodeStep | None = None,
+        cache: KVCache | None = None,
+        cached: int = 0,
+    ):
         self.model, self.rows, self.params, self.tokenizer = model, rows, params, tokenizer
         self.batched, self.cached = batched, cached
         self.step = step if step is not None else DecodeStep(model)
@@ -243,7 +264,8 @@ class Generation:
             logits = self.step(tokens[:, None], positions[:, None], cache)
             # Finished rows stay on their last slot until the batch ends (their output is ignored).
             positions = torch.where(torch.tensor(done, device=device), positions, positions + 1).clamp(
-                max=cache.max_len - 1)
+                max=cache.max_len - 1
+            )
         self.decode_seconds = time.perf_counter() - t0
 
 
@@ -294,13 +316,25 @@ def generate(
     rows, batched = _as_rows(prompt_ids, tokenizer)
     if params is None:
         params = SamplingParams.from_generation_config(getattr(model, "generation_config", None))
-    params = params.replace(**{k: v for k, v in dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, seed=seed,
-        stop_token_ids=list(stop_token_ids) if stop_token_ids is not None else None,
-        stop=[stop] if isinstance(stop, str) else (list(stop) if stop is not None else None),
-    ).items() if v is not None})
+    params = params.replace(
+        **{
+            k: v
+            for k, v in dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                seed=seed,
+                stop_token_ids=list(stop_token_ids) if stop_token_ids is not None else None,
+                stop=[stop] if isinstance(stop, str) else (list(stop) if stop is not None else None),
+            ).items()
+            if v is not None
+        }
+    )
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need tokenizer=")
     if not rows:
@@ -338,8 +372,16 @@ class ChatSession:
         config = self.model.config
         n = min(config.max_position_embeddings, -(-n // self.chunk) * self.chunk)
         if self.cache is None or self.cache.max_len < n:
-            old, self.cache = self.cache, KVCache(config, 1, n, dtype=_activation_dtype(self.model),
-                                                  device=self.model.model.embed_tokens.weight.device)
+            old, self.cache = (
+                self.cache,
+                KVCache(
+                    config,
+                    1,
+                    n,
+                    dtype=_activation_dtype(self.model),
+                    device=self.model.model.embed_tokens.weight.device,
+                ),
+            )
             if old is not None:
                 for new_layer, old_layer in zip(self.cache.k + self.cache.v, old.k + old.v):
                     new_layer[..., : old.max_len, :] = old_layer
@@ -359,8 +401,9 @@ class ChatSession:
         room = context - len(prompt_ids)
         params = self.params.replace(max_new_tokens=min(self.params.max_new_tokens, room))
         cache = self._reserve(len(prompt_ids) + params.max_new_tokens)
-        gen = Generation(self.model, [prompt_ids], params, self.tokenizer, step=self.step, cache=cache,
-                         cached=same)
+        gen = Generation(
+            self.model, [prompt_ids], params, self.tokenizer, step=self.step, cache=cache, cached=same
+        )
         self.last = gen
         self.ids = list(prompt_ids[:same])  # if the stream is abandoned midway, only this much is certain
         yield from texts_of(gen)

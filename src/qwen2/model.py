@@ -113,7 +113,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
@@ -143,7 +147,9 @@ class Attention(nn.Module):
         c, w = self.dual_chunk["chunk_size"], self.dual_chunk["local_size"]
         l0 = self.dual_chunk.get("original_max_position_embeddings") or 0
         lengths = (positions.max(dim=1).values + 1).tolist()
-        s = torch.tensor([dual_chunk_temperature(n, l0) for n in lengths], dtype=torch.float32, device=q.device)
+        s = torch.tensor(
+            [dual_chunk_temperature(n, l0) for n in lengths], dtype=torch.float32, device=q.device
+        )
         k = self.rotary(k, cos[0], sin[0])
         if bool((s != 1).any()):
             k = (k * s.view(-1, 1, 1, 1)).to(k.dtype)
@@ -158,7 +164,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.sparse = config.is_moe_layer(layer_idx)
-        self.mlp = SparseMoeBlock(config) if self.sparse else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (
+            SparseMoeBlock(config) if self.sparse else MLP(config.hidden_size, config.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -179,13 +187,19 @@ class Body(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """Qwen2 / Qwen2-MoE causal LM. forward(input_ids [B, T], positions=None, cache=None) -> logits [B, T, V]."""
+    """Qwen2 / Qwen2-MoE causal LM.
+
+    forward(input_ids [B, T], positions=None, cache=None) -> logits [B, T, V]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Body(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.rope = Rope(config)  # not a module or buffer: .to(dtype) leaves its fp32 tables alone
 
     @property
@@ -199,7 +213,9 @@ class Qwen2(nn.Module):
         self.rope = Rope(self.config)
 
     def hidden_states(self, input_ids, positions=None, cache=None, router_logits: list | None = None):
-        """Final-norm hidden states [B, T, H]. MoE layers append their router logits [B*T, E] to `router_logits`."""
+        """Final-norm hidden states [B, T, H].
+
+        MoE layers append their router logits [B*T, E] to `router_logits`."""
         b, t = input_ids.shape
         if positions is None:
             if cache is not None:

@@ -79,12 +79,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """Weight-only int8 linear: y = x (q * scales)^T + bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, dtype=torch.bfloat16, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, *, dtype=torch.bfloat16, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -102,7 +110,10 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits=8"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits=8"
+        )
 
 
 class Int4Linear(nn.Module):
@@ -111,17 +122,31 @@ class Int4Linear(nn.Module):
     `weight`, `scales`, `zeros` are what is saved; the kernel's own layout (`packed`, `scales_and_zeros`)
     is derived from them after quantizing or loading (`prepare`), kept as non-persistent buffers."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,
-                 dtype=torch.bfloat16, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        group_size: int = 128,
+        dtype=torch.bfloat16,
+        device=None,
+    ):
         super().__init__()
         if in_features % group_size or in_features % 2:
             raise ValueError(f"int4: group_size {group_size} must divide in_features {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("scales_and_zeros", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.prepare())
@@ -137,12 +162,15 @@ class Int4Linear(nn.Module):
             return
         q = unpack_int4(self.weight).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).contiguous()  # [G, N, 2]
+        self.scales_and_zeros = torch.stack(
+            (self.scales.t(), self.zeros.t()), dim=-1
+        ).contiguous()  # [G, N, 2]
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.packed is not None and (self.packed.device != self.weight.device
-                                        or self.scales_and_zeros.dtype != self.scales.dtype):
+        if self.packed is not None and (
+            self.packed.device != self.weight.device or self.scales_and_zeros.dtype != self.scales.dtype
+        ):
             self.prepare()
         return self
 
@@ -150,7 +178,11 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed is not None and x.device.type == "cpu" and x2.shape[0] < DEQUANTIZE_ROWS[4]:
-            sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
+            sz = (
+                self.scales_and_zeros
+                if self.scales_and_zeros.dtype == x.dtype
+                else self.scales_and_zeros.to(x.dtype)
+            )
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
         else:
             y = F.linear(x2, self.dequantize().to(x.dtype))
@@ -164,8 +196,10 @@ class Int4Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits=4, group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits=4, group_size={self.group_size}"
+        )
 
 
 # ---- which layers, and swapping them ---------------------------------------------------------------
@@ -173,14 +207,23 @@ def _spec(bits: int, group_size: int | None, lm_head: bool) -> dict:
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 8 or 4, got {bits!r}")
     if bits == 4 and (not isinstance(group_size, int) or group_size <= 0 or group_size % 2):
-        raise ValueError(f"int4 group_size must be a positive even integer (32, 64, 128, ...), got {group_size!r}")
-    return {"method": METHOD, "bits": bits, "group_size": group_size if bits == 4 else None, "lm_head": bool(lm_head)}
+        raise ValueError(
+            f"int4 group_size must be a positive even integer (32, 64, 128, ...), got {group_size!r}"
+        )
+    return {
+        "method": METHOD,
+        "bits": bits,
+        "group_size": group_size if bits == 4 else None,
+        "lm_head": bool(lm_head),
+    }
 
 
 def check_spec(spec: dict) -> dict:
     """Validate a config.json `quantization` entry; returns it normalised."""
     if not isinstance(spec, dict) or spec.get("method", METHOD) != METHOD:
-        raise ValueError(f"config.json: quantization must be {{'method': '{METHOD}', 'bits': 8|4, ...}}, got {spec!r}")
+        raise ValueError(
+            f"config.json: quantization must be {{'method': '{METHOD}', 'bits': 8|4, ...}}, got {spec!r}"
+        )
     return _spec(spec.get("bits"), spec.get("group_size"), spec.get("lm_head", False))
 
 
@@ -188,7 +231,7 @@ def _targets(model, lm_head: bool) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every layer the policy quantizes."""
     out = []
     for layer in model.model.layers:
-        for name, module in layer.named_modules():
+        for _name, module in layer.named_modules():
             for attr, child in module.named_children():
                 if isinstance(child, nn.Linear) and not (attr == "gate" or attr == "shared_expert_gate"):
                     out.append((module, attr, child))
@@ -201,8 +244,14 @@ def _shell(linear: nn.Linear, spec: dict, dtype, device) -> nn.Module:
     has_bias = linear.bias is not None
     if spec["bits"] == 8:
         return Int8Linear(linear.in_features, linear.out_features, has_bias, dtype=dtype, device=device)
-    return Int4Linear(linear.in_features, linear.out_features, has_bias, group_size=spec["group_size"],
-                      dtype=dtype, device=device)
+    return Int4Linear(
+        linear.in_features,
+        linear.out_features,
+        has_bias,
+        group_size=spec["group_size"],
+        dtype=dtype,
+        device=device,
+    )
 
 
 def _check_shapes(targets, spec: dict) -> None:
@@ -210,8 +259,10 @@ def _check_shapes(targets, spec: dict) -> None:
         for parent, attr, lin in targets:
             if lin.in_features % spec["group_size"]:
                 raise ValueError(
-                    f"int4 group_size {spec['group_size']} does not divide in_features {lin.in_features} of a "
-                    f"{type(parent).__name__}.{attr}; choose a group size that divides the model's widths (e.g. 32)")
+                    f"int4 group_size {spec['group_size']} does not divide "
+                    f"in_features {lin.in_features} of a {type(parent).__name__}.{attr}; "
+                    "choose a group size that divides the model's widths (e.g. 32)"
+                )
 
 
 def apply_quantization(model, spec: dict):
@@ -220,8 +271,10 @@ def apply_quantization(model, spec: dict):
     config.json's `quantization` entry; the tensors are filled by load_state_dict."""
     spec = check_spec(spec)
     if spec["lm_head"] and model.lm_head is None:
-        raise ValueError("config.json: quantization.lm_head is true but tie_word_embeddings is true; "
-                         "a quantized output layer is untied (set tie_word_embeddings to false)")
+        raise ValueError(
+            "config.json: quantization.lm_head is true but tie_word_embeddings is true; "
+            "a quantized output layer is untied (set tie_word_embeddings to false)"
+        )
     targets = _targets(model, spec["lm_head"])
     _check_shapes(targets, spec)
     for parent, attr, lin in targets:

@@ -29,8 +29,9 @@ import torch
 from qwen2.config import ModelConfig
 
 
-def inv_frequencies(config: ModelConfig, device=None, base: float | None = None,
-                    factor: float | None = None) -> tuple[torch.Tensor, float]:
+def inv_frequencies(
+    config: ModelConfig, device=None, base: float | None = None, factor: float | None = None
+) -> tuple[torch.Tensor, float]:
     """Returns (inv_freq [head_dim/2] fp32, attention_scaling) for `config` (base overrides rope_theta,
     factor overrides rope_scaling.factor; a factor of 1 is plain RoPE)."""
     d = config.head_dim
@@ -86,7 +87,7 @@ class Rope:
 
     def __init__(self, config: ModelConfig):
         if config.dual_chunk_attention_config is not None:  # DCA rotates with plain RoPE: it takes priority
-            config = config.replace(rope_scaling=None)       # over rope_scaling, as in vLLM (SPEC 3.2-3.3)
+            config = config.replace(rope_scaling=None)  # over rope_scaling, as in vLLM (SPEC 3.2-3.3)
         self.config = config
         rs = config.rope_scaling or {}
         self.dynamic = config.rope_type == "yarn" and bool(rs.get("dynamic"))
@@ -116,7 +117,9 @@ def dual_chunk_positions(positions: torch.Tensor, chunk_size: int, local_size: i
     inter-chunk queries: min(2 Lc - 1, C), one constant). Every relative distance stays <= C."""
     lc = chunk_size - local_size
     if lc <= 0:
-        raise ValueError(f"dual_chunk_attention_config: local_size {local_size} must be below chunk_size {chunk_size}")
+        raise ValueError(
+            f"dual_chunk_attention_config: local_size {local_size} must be below chunk_size {chunk_size}"
+        )
     key = positions % lc
     succ = (key + lc).clamp(max=chunk_size)
     inter = torch.full_like(positions, min(2 * lc - 1, chunk_size))

@@ -26,9 +26,9 @@ import dataclasses
 import math
 import operator
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -84,11 +84,11 @@ class SamplingParams:
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    def replace(self, **changes) -> "SamplingParams":
+    def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_generation_config(cls, source: str | os.PathLike | dict | None, **overrides) -> "SamplingParams":
+    def from_generation_config(cls, source: str | os.PathLike | dict | None, **overrides) -> SamplingParams:
         """Defaults from a checkpoint's generation_config.json (a directory, the file, or its dict),
         read as transformers reads it: `do_sample` false (or absent) means greedy; a sampling config
         without top_k gets transformers' default 50; eos_token_id (int or list) becomes stop_token_ids.
@@ -126,8 +126,14 @@ class SamplingParams:
 CONTEXT = "the model's context (max_position_embeddings in config.json)"
 
 
-def check_prompt(prompt_ids: Sequence[int], *, context: int, vocab_size: int,
-                 max_new_tokens: int | None = None, limit: str = CONTEXT) -> list[int]:
+def check_prompt(
+    prompt_ids: Sequence[int],
+    *,
+    context: int,
+    vocab_size: int,
+    max_new_tokens: int | None = None,
+    limit: str = CONTEXT,
+) -> list[int]:
     """The prompt as a list of ints, or ValueError naming the limit it breaks and the fix.
 
     context: tokens a request may hold in all (prompt + output); `limit` says what sets it, for the
@@ -142,16 +148,22 @@ def check_prompt(prompt_ids: Sequence[int], *, context: int, vocab_size: int,
         raise ValueError("the prompt is empty: give at least one token")
     bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"token id {ids[bad]} (prompt position {bad}) is outside the vocabulary "
-                         f"[0, {vocab_size}) (vocab_size in config.json): encode the prompt with this "
-                         "model's tokenizer")
+        raise ValueError(
+            f"token id {ids[bad]} (prompt position {bad}) is outside the vocabulary "
+            f"[0, {vocab_size}) (vocab_size in config.json): encode the prompt with this "
+            "model's tokenizer"
+        )
     n = len(ids)
     if max_new_tokens is None and n >= context:
-        raise ValueError(f"the prompt has {n} tokens; {limit} is {context} tokens, which leaves no "
-                         "room for a new token: shorten the prompt")
+        raise ValueError(
+            f"the prompt has {n} tokens; {limit} is {context} tokens, which leaves no "
+            "room for a new token: shorten the prompt"
+        )
     if max_new_tokens is not None and n + max_new_tokens > context:
-        raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                         f"of {context} tokens ({limit}): shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+            f"of {context} tokens ({limit}): shorten the prompt or lower max_new_tokens"
+        )
     return ids
 
 
@@ -162,8 +174,13 @@ class TokenHistory:
     `counts` [B, V] int32: occurrences in the output only (OpenAI / vLLM presence and frequency penalties).
     Ids outside [0, V) are ignored (transformers drops them too)."""
 
-    def __init__(self, prompts: Sequence[Sequence[int]], vocab_size: int, device="cpu",
-                 outputs: Sequence[Sequence[int]] | None = None):
+    def __init__(
+        self,
+        prompts: Sequence[Sequence[int]],
+        vocab_size: int,
+        device="cpu",
+        outputs: Sequence[Sequence[int]] | None = None,
+    ):
         b = len(prompts)
         self.seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)
         self.counts = torch.zeros(b, vocab_size, dtype=torch.int32, device=device)
@@ -265,13 +282,17 @@ def _penalise(x: torch.Tensor, rows: list[SamplingParams], history: TokenHistory
     if any(p.repetition_penalty != 1 for p in rows):
         x = apply_repetition_penalty(x, history.seen, [p.repetition_penalty for p in rows])
     if any(p.presence_penalty or p.frequency_penalty for p in rows):
-        x = apply_presence_frequency(x, history.counts, [p.presence_penalty for p in rows],
-                                     [p.frequency_penalty for p in rows])
+        x = apply_presence_frequency(
+            x, history.counts, [p.presence_penalty for p in rows], [p.frequency_penalty for p in rows]
+        )
     return x
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
-                   history: TokenHistory | Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    history: TokenHistory | Sequence[TokenHistory | None] | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> fp32 logits [B, V] after every processor, in transformers' order; filtered
     tokens are -inf. Greedy rows get the penalties only (as transformers' greedy search does).
     history: one TokenHistory of B rows, or one single-row TokenHistory (or None) per row (the engine's
@@ -303,9 +324,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[Sampl
     return x
 
 
-def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
-           generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
-           history: TokenHistory | Sequence[TokenHistory | None] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    history: TokenHistory | Sequence[TokenHistory | None] | None = None,
+) -> torch.Tensor:
     """Next token per row: logits [B, V] -> ids [B] (int64).
 
     params: one SamplingParams for every row, or one per row. generators: one torch.Generator shared by

@@ -18,7 +18,9 @@ from qwen2.extras import MissingExtra
 
 
 def _add_info(sub):
-    p = sub.add_parser("info", help="print a checkpoint's or preset's config, parameter counts and KV-cache size")
+    p = sub.add_parser(
+        "info", help="print a checkpoint's or preset's config, parameter counts and KV-cache size"
+    )
     p.add_argument("path", help="a checkpoint directory (config.json) or a preset name such as 'Qwen2-7B'")
 
     def run(a):
@@ -30,23 +32,45 @@ def _add_info(sub):
 
 
 def _add_serve(sub):
-    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)"
+    )
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: the folder name)"
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output at most (default: the config's)")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)"
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="prompt + output at most (default: the config's)"
+    )
 
     def run(a):
         from qwen2.serve import serve
 
-        serve(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name, api_key=a.api_key,
-              dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_model_len=a.max_model_len)
+        serve(
+            a.model,
+            host=a.host,
+            port=a.port,
+            served_model_name=a.served_model_name,
+            api_key=a.api_key,
+            dtype=a.dtype,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            max_model_len=a.max_model_len,
+        )
 
     p.set_defaults(func=run)
 
@@ -54,10 +78,22 @@ def _add_serve(sub):
 def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="tokenizer tools: train a Qwen2-style byte-level BPE")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = tsub.add_parser("train", help="train byte-level BPE (Qwen2's pre-tokenizer) and write a checkpoint's tokenizer files")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILES", help="text files, or directories read recursively")
+    t = tsub.add_parser(
+        "train", help="train byte-level BPE (Qwen2's pre-tokenizer) and write a checkpoint's tokenizer files"
+    )
+    t.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILES",
+        help="text files, or directories read recursively",
+    )
     t.add_argument("--vocab-size", type=int, required=True, help="all ids, the 3 control tokens included")
-    t.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt, tokenizer_config.json")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="directory for tokenizer.json, vocab.json, merges.txt, tokenizer_config.json",
+    )
 
     def run(a):
         from qwen2.tokenizer.train import train_tokenizer
@@ -68,8 +104,14 @@ def _add_tokenizer(sub):
 
 
 def _sampling_flags(p, max_new_tokens: int):
-    p.add_argument("--model", default=None, help="checkpoint directory (default: runs/speedrun/model, the speedrun's output)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (default: runs/speedrun/model, the speedrun's output)",
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, else greedy)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -100,7 +142,11 @@ def _add_generate(sub):
 
 def _add_chat(sub):
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (ChatML; /reset, /exit)")
-    p.add_argument("--system", default=None, help="system prompt (default: Qwen2-Instruct's 'You are a helpful assistant.')")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: Qwen2-Instruct's 'You are a helpful assistant.')",
+    )
     _sampling_flags(p, max_new_tokens=1024)
 
     def run(a):
@@ -118,8 +164,12 @@ def _add_quantize(sub):
     p.add_argument("--bits", type=int, required=True, choices=[8, 4])
     p.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
     p.add_argument("--no-lm-head", action="store_true", help="keep the output layer in float")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the scales and float layers (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the scales and float layers (default: the checkpoint's)",
+    )
 
     def run(a):
         from qwen2.cli.commands import run_quantize
@@ -130,10 +180,17 @@ def _add_quantize(sub):
 
 
 def _add_pretrain(sub):
-    p = sub.add_parser("pretrain", help="pre-train from a recipe (tokenizer, data, stage 1, long-context stage); torchrun-ready")
-    p.add_argument("--config", help="a flat YAML recipe: `recipe: speedrun|pretrain` plus PretrainConfig fields")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train from a recipe (tokenizer, data, stage 1, long-context stage); torchrun-ready",
+    )
+    p.add_argument(
+        "--config", help="a flat YAML recipe: `recipe: speedrun|pretrain` plus PretrainConfig fields"
+    )
     p.add_argument("--out", help="run folder (overrides the recipe's `out`)")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint"
+    )
 
     def run(a):
         from qwen2.train.recipes import load_recipe, override, pretrain
@@ -144,17 +201,31 @@ def _add_pretrain(sub):
             cfg = override(cfg, {"out": a.out})
         report = pretrain_and_report(cfg, resume=not a.no_resume)
         if report:
-            print(f"model: {report['model']}  report: {cfg.out}/report.md  final loss {report['final_loss']:.3f}")
+            print(
+                f"model: {report['model']}  report: {cfg.out}/report.md  "
+                f"final loss {report['final_loss']:.3f}"
+            )
 
     p.set_defaults(func=run)
 
 
 def _add_speedrun(sub):
-    p = sub.add_parser("speedrun", help="train a tokenizer and a small Qwen2 on a CPU in a time budget, with a report")
+    p = sub.add_parser(
+        "speedrun", help="train a tokenizer and a small Qwen2 on a CPU in a time budget, with a report"
+    )
     p.add_argument("--minutes", type=float, default=30.0, help="time budget for the whole run (default 30)")
-    p.add_argument("--out", default="runs/speedrun", help="run folder; the model goes to OUT/model (default runs/speedrun)")
-    p.add_argument("--corpus", help="a folder of text / JSONL / parquet to train on (default: the Python standard library)")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint")
+    p.add_argument(
+        "--out",
+        default="runs/speedrun",
+        help="run folder; the model goes to OUT/model (default runs/speedrun)",
+    )
+    p.add_argument(
+        "--corpus",
+        help="a folder of text / JSONL / parquet to train on (default: the Python standard library)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint"
+    )
 
     def run(a):
         from qwen2.train.speedrun import speedrun
@@ -167,18 +238,33 @@ def _add_speedrun(sub):
 
             from qwen2.cli.commands import DEFAULT_MODEL
 
-            print(f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final held-out loss "
-                  f"{report['final_eval_loss']:.3f}, {report['tokens_per_s']:.0f} tokens/s, MFU {100 * report['mfu']:.1f}%")
+            print(
+                f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final held-out loss "
+                f"{report['final_eval_loss']:.3f}, {report['tokens_per_s']:.0f} tokens/s, "
+                f"MFU {100 * report['mfu']:.1f}%"
+            )
             print(f"model: {report['model']}  report: {a.out}/report.md  loss curve: {report['loss_png']}")
             same = Path(report["model"]).resolve() == Path(DEFAULT_MODEL).resolve()
-            print("try: qwen2 generate --prompt 'def main():'" + ("" if same else f" --model {report['model']}"))
+            print(
+                "try: qwen2 generate --prompt 'def main():'" + ("" if same else f" --model {report['model']}")
+            )
 
     p.set_defaults(func=run)
 
 
 # Registered subcommands, in the order `--help` lists them. Add yours here.
-COMMANDS = [_add_info, _add_generate, _add_chat, _add_quantize, _add_serve, _add_tokenizer, _add_pretrain, _add_speedrun,
-            _add_upcycle, _add_eval]
+COMMANDS = [
+    _add_info,
+    _add_generate,
+    _add_chat,
+    _add_quantize,
+    _add_serve,
+    _add_tokenizer,
+    _add_pretrain,
+    _add_speedrun,
+    _add_upcycle,
+    _add_eval,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,5 +285,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)
-
-

@@ -19,16 +19,26 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "runs/speedrun/model"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
 # Files of a checkpoint folder that are not weights, copied by `qwen2 quantize`.
 def model_dir(path: str | None) -> Path:
     """The checkpoint folder to use, with an error that says what to do when it is not there."""
     d = Path(path or DEFAULT_MODEL)
     if not d.exists():
         if path is None:
-            raise FileNotFoundError(f"no model at {d} (the speedrun's output): train one with `qwen2 speedrun`, "
-                                    "or pass --model DIR")
+            raise FileNotFoundError(
+                f"no model at {d} (the speedrun's output): train one with `qwen2 speedrun`, "
+                "or pass --model DIR"
+            )
         raise FileNotFoundError(f"{d}: no such model directory")
     if not d.is_dir():
         raise NotADirectoryError(f"{d}: not a directory (expected a Hugging Face model folder)")
@@ -56,9 +66,17 @@ def sampling_params(args, d: Path, tokenizer, chat: bool):
     from qwen2.sampling import SamplingParams
 
     params = SamplingParams.from_generation_config(
-        d, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens)
+        d,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
     stops = set(params.stop_token_ids)
     if not stops and tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
@@ -68,8 +86,10 @@ def sampling_params(args, d: Path, tokenizer, chat: bool):
 
 
 def _stats(gen) -> str:
-    return (f"[{gen.prompt_tokens} prompt tokens in {gen.prefill_seconds:.2f}s; {gen.decode_tokens} new tokens, "
-            f"{gen.decode_tokens_per_second:.1f} tokens/s]")
+    return (
+        f"[{gen.prompt_tokens} prompt tokens in {gen.prefill_seconds:.2f}s; {gen.decode_tokens} new tokens, "
+        f"{gen.decode_tokens_per_second:.1f} tokens/s]"
+    )
 
 
 def run_generate(args) -> int:
@@ -108,8 +128,11 @@ def run_chat(args) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        print(f"qwen2 chat: {d} ({model.config.num_hidden_layers} layers). /reset clears the conversation, "
-              "/exit quits.", file=sys.stderr)
+        print(
+            f"qwen2 chat: {d} ({model.config.num_hidden_layers} layers). /reset clears the conversation, "
+            "/exit quits.",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input(">>> " if tty else "")
@@ -128,7 +151,9 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True, system_prompt=system)
         try:
-            check_prompt(ids, context=model.config.max_position_embeddings, vocab_size=model.config.vocab_size)
+            check_prompt(
+                ids, context=model.config.max_position_embeddings, vocab_size=model.config.vocab_size
+            )
         except ValueError as e:  # the turn is dropped; the conversation so far stays usable
             messages.pop()
             print(f"error: {e} (or /reset to start over)", file=sys.stderr, flush=True)
@@ -175,6 +200,8 @@ def run_quantize(args) -> int:
         raise
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     spec = json.loads((out / "config.json").read_text())["quantization"]
-    print(f"wrote {out}: int{args.bits} ({spec}), {size / 1e6:.1f} MB of safetensors in "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"wrote {out}: int{args.bits} ({spec}), {size / 1e6:.1f} MB of safetensors in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     return 0

@@ -12,8 +12,11 @@ from __future__ import annotations
 def add_parser(sub):
     p = sub.add_parser("upcycle", help="dense checkpoint -> Qwen2-MoE (copy, shuffle, slice, re-init)")
     arg = p.add_argument
-    arg("--model", default=None,
-        help="dense checkpoint directory (omitted with --preset: the plan from the preset's dense parent)")
+    arg(
+        "--model",
+        default=None,
+        help="dense checkpoint directory (omitted with --preset: the plan from the preset's dense parent)",
+    )
     arg("--out", default=None, help="new directory for the MoE checkpoint (omitted: print the plan)")
     arg("--preset", default=None, help="take the MoE shape from a preset, e.g. Qwen2-57B-A14B")
     arg("--num-experts", type=int, default=None, help="routed experts n")
@@ -22,8 +25,12 @@ def add_parser(sub):
     arg("--shared-experts", type=int, default=None, help="shared experts, fused in one MLP (default 0)")
     arg("--shared-expert-size", type=int, default=None, help="the fused shared MLP's size (instead)")
     arg("--reinit", type=float, default=0.5, help="fraction of each expert re-initialised (paper: 0.5)")
-    arg("--reinit-mode", default="element", choices=["element", "neuron"],
-        help="re-draw single entries (default) or whole intermediate neurons")
+    arg(
+        "--reinit-mode",
+        default="element",
+        choices=["element", "neuron"],
+        help="re-draw single entries (default) or whole intermediate neurons",
+    )
     arg("--reinit-std", type=float, default=None, help="std of re-drawn entries (default: initializer_range)")
     arg("--router-std", type=float, default=None, help="std of the router init (default: initializer_range)")
     arg("--norm-topk-prob", action="store_true", default=None, help="renormalise the top-k weights")
@@ -37,8 +44,13 @@ def run_upcycle(a) -> int:
     from qwen2.config import ModelConfig
     from qwen2.train import upcycle as up
 
-    shape = dict(num_experts=a.num_experts, top_k=a.top_k, expert_size=a.expert_size,
-                 shared_expert_size=a.shared_expert_size, norm_topk_prob=a.norm_topk_prob)
+    shape = dict(
+        num_experts=a.num_experts,
+        top_k=a.top_k,
+        expert_size=a.expert_size,
+        shared_expert_size=a.shared_expert_size,
+        norm_topk_prob=a.norm_topk_prob,
+    )
     if a.preset:
         shape = up.preset_recipe(a.preset, **shape)
         if a.shared_experts is not None:
@@ -50,8 +62,14 @@ def run_upcycle(a) -> int:
             raise ValueError(f"give {', '.join(missing)} (or --preset NAME, e.g. Qwen2-57B-A14B)")
         shape = {k: v for k, v in shape.items() if v is not None}
         shape["shared_experts"] = a.shared_experts or 0
-    options = dict(shape, reinit=a.reinit, reinit_mode=a.reinit_mode, reinit_std=a.reinit_std,
-                   router_std=a.router_std, seed=a.seed)
+    options = dict(
+        shape,
+        reinit=a.reinit,
+        reinit_mode=a.reinit_mode,
+        reinit_std=a.reinit_std,
+        router_std=a.router_std,
+        seed=a.seed,
+    )
     if a.model is None:
         if a.out or not a.preset:
             raise ValueError("give --model DENSE_DIR (only --preset alone prints a plan without weights)")

@@ -63,8 +63,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
 def _messages(rec: dict, key: str, where: str) -> list[dict]:
     msgs = rec.get(key)
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: field {key!r} must be a non-empty list of messages "
-                        f"[{{\"role\": ..., \"content\": ...}}], got {type(msgs).__name__}")
+        raise DataError(
+            f"{where}: field {key!r} must be a non-empty list of messages "
+            f'[{{"role": ..., "content": ...}}], got {type(msgs).__name__}'
+        )
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"{where}: {key}[{j}] must be a message with role one of {ROLES}")
@@ -76,8 +78,9 @@ def _messages(rec: dict, key: str, where: str) -> list[dict]:
 def sft_messages(rec: dict, where: str) -> list[dict]:
     msgs = _messages(rec, "messages", where)
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to train on; "
-                        "add one or drop the record")
+        raise DataError(
+            f"{where}: 'messages' has no assistant turn, so nothing to train on; add one or drop the record"
+        )
     return msgs
 
 
@@ -90,8 +93,10 @@ def preference(rec: dict, where: str) -> tuple[list[dict], list[dict], list[dict
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise DataError(f"{where}: no 'prompt' and 'chosen' / 'rejected' share no first message; "
-                        "add a 'prompt' field or start both with the same prompt turns")
+        raise DataError(
+            f"{where}: no 'prompt' and 'chosen' / 'rejected' share no first message; "
+            "add a 'prompt' field or start both with the same prompt turns"
+        )
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -113,8 +118,9 @@ def encode_sft(tok: Tokenizer, messages: list[dict], max_len: int | None = None,
     return _example(ids, mask, max_len)
 
 
-def encode_completion(tok: Tokenizer, prompt: list[dict], completion: list[dict], max_len: int | None = None,
-                      **chat) -> dict:
+def encode_completion(
+    tok: Tokenizer, prompt: list[dict], completion: list[dict], max_len: int | None = None, **chat
+) -> dict:
     """prompt + completion with the loss on the completion's assistant turns only (DPO, reward data)."""
     ids, mask = encode_chat(tok, prompt + completion, **chat)
     n = len(encode_chat(tok, prompt, add_generation_prompt=True, **chat)[0])
@@ -131,8 +137,10 @@ def _at(where: str, encode, *args, **kw):
 
 
 def load_sft(path, tok: Tokenizer, max_len: int | None = None, **chat) -> list[dict]:
-    return [_at(where, encode_sft, tok, sft_messages(rec, where), max_len, **chat)
-            for where, rec in read_records(path)]
+    return [
+        _at(where, encode_sft, tok, sft_messages(rec, where), max_len, **chat)
+        for where, rec in read_records(path)
+    ]
 
 
 def load_preferences(path, tok: Tokenizer, max_len: int | None = None, **chat) -> list[tuple[dict, dict]]:
@@ -140,8 +148,12 @@ def load_preferences(path, tok: Tokenizer, max_len: int | None = None, **chat) -
     out = []
     for where, rec in read_records(path):
         prompt, chosen, rejected = preference(rec, where)
-        out.append((_at(where, encode_completion, tok, prompt, chosen, max_len, **chat),
-                    _at(where, encode_completion, tok, prompt, rejected, max_len, **chat)))
+        out.append(
+            (
+                _at(where, encode_completion, tok, prompt, chosen, max_len, **chat),
+                _at(where, encode_completion, tok, prompt, rejected, max_len, **chat),
+            )
+        )
     return out
 
 

@@ -25,9 +25,9 @@ import io
 import json
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from qwen2.extras import require
 
@@ -55,14 +55,18 @@ class Source:
     text_field: str = "text"
     extensions: Sequence[str] = TEXT_EXTENSIONS + DATA_EXTENSIONS
     max_chars: int = 400_000  # "package" only: a longer group is cut into several documents
-    skipped: list[str] = field(default_factory=list, repr=False)  # files that are not UTF-8 text, filled by reading
+    skipped: list[str] = field(
+        default_factory=list, repr=False
+    )  # files that are not UTF-8 text, filled by reading
 
     def __post_init__(self):
         if isinstance(self.paths, (str, os.PathLike)):
             self.paths = [self.paths]
         self.paths = [Path(p) for p in self.paths]
         if self.kind not in ("auto", "docstrings", "package"):
-            raise ValueError(f"Source {self.name!r}: kind must be 'auto', 'docstrings' or 'package', not {self.kind!r}")
+            raise ValueError(
+                f"Source {self.name!r}: kind must be 'auto', 'docstrings' or 'package', not {self.kind!r}"
+            )
         if not (self.weight >= 0):
             raise ValueError(f"Source {self.name!r}: weight must be >= 0, not {self.weight!r}")
 
@@ -114,7 +118,9 @@ def as_sources(sources) -> list[Source]:
     return out
 
 
-def list_files(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS + DATA_EXTENSIONS) -> list[Path]:
+def list_files(
+    paths: Iterable[str | os.PathLike], extensions: Sequence[str] = TEXT_EXTENSIONS + DATA_EXTENSIONS
+) -> list[Path]:
     """Files named directly, plus files under folders whose name ends with one of `extensions`
     (hidden entries, __pycache__ and site-packages skipped), sorted within each folder."""
     out: list[Path] = []
@@ -126,7 +132,9 @@ def list_files(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = T
             found = []
             for root, dirs, names in os.walk(p):
                 dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
-                found += [Path(root, n) for n in names if not n.startswith(".") and n.endswith(tuple(extensions))]
+                found += [
+                    Path(root, n) for n in names if not n.startswith(".") and n.endswith(tuple(extensions))
+                ]
             out += sorted(found)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder (a corpus source path)")
@@ -156,7 +164,9 @@ def read_jsonl(path: Path, text_field: str = "text") -> Iterator[Doc]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not a JSON object ({e.msg}); JSONL wants one object per line") from None
+                raise ValueError(
+                    f"{path}:{i}: not a JSON object ({e.msg}); JSONL wants one object per line"
+                ) from None
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{i}: no string field {text_field!r} (set Source(text_field=...))")
@@ -169,7 +179,10 @@ def read_parquet(path: Path, text_field: str = "text", batch_rows: int = 4096) -
     pq = require("pyarrow.parquet", "data", f"{path}: reading parquet")  # the data extra; JSONL needs nothing
     f = pq.ParquetFile(path)
     if text_field not in f.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r}; columns are {f.schema_arrow.names} (set Source(text_field=...))")
+        raise ValueError(
+            f"{path}: no column {text_field!r}; columns are {f.schema_arrow.names} "
+            "(set Source(text_field=...))"
+        )
     row = 0
     for batch in f.iter_batches(batch_size=batch_rows, columns=[text_field]):
         for text in batch.column(0).to_pylist():
@@ -214,7 +227,9 @@ def _docstring_nodes(tree: ast.Module):
             stack.extend(reversed(node.body))
 
 
-def package_documents(files: Sequence[Path], max_chars: int = 400_000, skipped: list[str] | None = None) -> Iterator[Doc]:
+def package_documents(
+    files: Sequence[Path], max_chars: int = 400_000, skipped: list[str] | None = None
+) -> Iterator[Doc]:
     """Long documents: the files of each directory concatenated in name order, each preceded by a
     `# file: NAME` line, cut into pieces of at most about `max_chars` (at file boundaries; a single longer
     file is its own piece). A package's modules read together make documents far longer than one file."""
@@ -244,13 +259,17 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def default_corpus_files(include_tests: bool = True, extensions: Sequence[str] = (".py", ".txt")) -> list[Path]:
+def default_corpus_files(
+    include_tests: bool = True, extensions: Sequence[str] = (".py", ".txt")
+) -> list[Path]:
     """The speedrun's default corpus: every .py and .txt file of the Python standard library on this
     machine (no site-packages). `include_tests=False` leaves out test folders (test/, tests/,
     idle_test/), about half of the bytes."""
     root = stdlib_dir()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: the Python standard library folder is missing; pass a corpus folder instead")
+        raise FileNotFoundError(
+            f"{root}: the Python standard library folder is missing; pass a corpus folder instead"
+        )
     files = list_files([root], extensions)
     if not include_tests:
         tests = {"test", "tests", "idle_test"}
@@ -266,5 +285,9 @@ def default_source(include_tests: bool = True) -> Source:
 def long_source(include_tests: bool = True, max_chars: int = 400_000) -> Source:
     """Long documents for the long-context stage: the standard library's modules concatenated folder by
     folder (kind "package"); prepare it beside the default corpus and mix the two."""
-    return Source("stdlib-long", default_corpus_files(include_tests, extensions=(".py",)), kind="package",
-                  max_chars=max_chars)
+    return Source(
+        "stdlib-long",
+        default_corpus_files(include_tests, extensions=(".py",)),
+        kind="package",
+        max_chars=max_chars,
+    )

@@ -59,7 +59,9 @@ class MinHash:
 
     def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.keys = rng.integers(0, np.iinfo(np.uint64).max, num_perm, dtype=np.uint64, endpoint=True)[:, None]
+        self.keys = rng.integers(0, np.iinfo(np.uint64).max, num_perm, dtype=np.uint64, endpoint=True)[
+            :, None
+        ]
         self.num_perm, self.ngram = num_perm, ngram
         self._word_hash: dict[str, int] = {}
 
@@ -69,14 +71,17 @@ class MinHash:
         cache = self._word_hash
         if len(cache) > 1_000_000:  # a vocabulary cache, bounded on web-scale corpora
             cache.clear()
-        h = np.fromiter((cache.get(w) or cache.setdefault(w, zlib.crc32(w.encode("utf-8")) + 1) for w in words),
-                        np.uint64, len(words))
+        h = np.fromiter(
+            (cache.get(w) or cache.setdefault(w, zlib.crc32(w.encode("utf-8")) + 1) for w in words),
+            np.uint64,
+            len(words),
+        )
         n = min(self.ngram, len(h))
         if n == 0:
             return np.zeros(1, np.uint64)
         s = h[: len(h) - n + 1].copy()
         for j in range(1, n):  # polynomial hash of n consecutive word hashes, mod 2^64 (numpy wraps)
-            s = s * _MULT + h[j: len(h) - n + 1 + j]
+            s = s * _MULT + h[j : len(h) - n + 1 + j]
         return np.unique(s)
 
     def signature(self, text: str) -> np.ndarray:
@@ -84,7 +89,7 @@ class MinHash:
         x = self.shingles(text)
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, np.uint64)
         for i in range(0, len(x), 8192):  # bound the [num_perm, chunk] intermediate to 8 MiB
-            sig = np.minimum(sig, _splitmix64(self.keys ^ x[None, i: i + 8192]).min(axis=1))
+            sig = np.minimum(sig, _splitmix64(self.keys ^ x[None, i : i + 8192]).min(axis=1))
         return sig
 
 
@@ -104,8 +109,8 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.95) -> tupl
     lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)
     for b in range(1, num_perm + 1):
         r = num_perm // b
-        fp = _trapezoid(1 - (1 - lo ** r) ** b, lo)
-        fn = _trapezoid((1 - hi ** r) ** b, hi)
+        fp = _trapezoid(1 - (1 - lo**r) ** b, lo)
+        fn = _trapezoid((1 - hi**r) ** b, hi)
         err = (1 - fn_weight) * fp + fn_weight * fn
         if err < best_err:
             best, best_err = (b, r), err
@@ -130,8 +135,14 @@ class MinHashDedup:
         self.n = 0
 
     def config(self) -> dict:
-        return {"threshold": self.threshold, "num_perm": self.num_perm, "ngram": self.ngram, "seed": self.seed,
-                "bands": self.bands, "rows": self.rows}
+        return {
+            "threshold": self.threshold,
+            "num_perm": self.num_perm,
+            "ngram": self.ngram,
+            "seed": self.seed,
+            "bands": self.bands,
+            "rows": self.rows,
+        }
 
     def similarity(self, a: str, b: str) -> float:
         """Estimated Jaccard similarity of two texts' n-gram sets."""
@@ -139,7 +150,7 @@ class MinHashDedup:
 
     def __call__(self, text: str) -> bool:
         sig = self.minhash.signature(text)
-        keys = [sig[i * self.rows: (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
         candidates = {j for band, k in zip(self.buckets, keys) for j in band.get(k, ())}
         if candidates:
             c = np.fromiter(candidates, np.int64, len(candidates))

@@ -15,10 +15,11 @@ drops it).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
 
 @dataclass(frozen=True)
 class Length:
@@ -63,7 +64,7 @@ class DigitRatio:
 _SPACE = np.zeros(128, bool)
 _SPACE[[9, 10, 11, 12, 13, 32]] = True
 _DIGIT = np.zeros(128, bool)
-_DIGIT[ord("0"):ord("9") + 1] = True
+_DIGIT[ord("0") : ord("9") + 1] = True
 _SYMBOL = np.array([not (chr(i).isalnum() or chr(i).isspace()) for i in range(128)])
 
 
@@ -151,8 +152,17 @@ class FilterStats:
         rows, docs, nbytes = [], self.docs_in, self.bytes_in
         for n in self.names:
             d, b = self.dropped_docs[n], self.dropped_bytes[n]
-            rows.append({"step": n, "docs_in": docs, "bytes_in": nbytes, "docs_dropped": d,
-                         "bytes_dropped": b, "docs_kept": docs - d, "bytes_kept": nbytes - b})
+            rows.append(
+                {
+                    "step": n,
+                    "docs_in": docs,
+                    "bytes_in": nbytes,
+                    "docs_dropped": d,
+                    "bytes_dropped": b,
+                    "docs_kept": docs - d,
+                    "bytes_kept": nbytes - b,
+                }
+            )
             docs, nbytes = docs - d, nbytes - b
         return rows
 
@@ -160,7 +170,8 @@ class FilterStats:
 def filter_names(filters: Sequence[Callable[[str], bool]]) -> list[str]:
     names = [getattr(f, "name", None) or getattr(f, "__name__", type(f).__name__) for f in filters]
     if len(set(names)) != len(names):
-        # Two filters of one kind (say NGramRepetition for n=2 and n=4): number them so the report tells them apart.
+        # Two filters of one kind (say NGramRepetition for n=2 and n=4): number them so the report tells
+        # them apart.
         names = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     return names
 
@@ -176,13 +187,19 @@ def describe(steps: Sequence[Callable[[str], bool]]) -> list[dict]:
             try:
                 params = {k: v for k, v in asdict(f).items() if k != "name"}
             except TypeError:  # not a dataclass: a plain function
-                params = {"callable": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"}
+                params = {
+                    "callable": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+                }
         out.append({"name": n, **params})
     return out
 
 
-def apply_filters(docs: Iterable, filters: Sequence[Callable[[str], bool]], stats: FilterStats | None = None,
-                  text=lambda d: d.text) -> Iterator:
+def apply_filters(
+    docs: Iterable,
+    filters: Sequence[Callable[[str], bool]],
+    stats: FilterStats | None = None,
+    text=lambda d: d.text,
+) -> Iterator:
     """Yield the documents every filter keeps, counting into `stats` (made fresh if None). `docs` may be
     `Doc`s or anything `text(doc)` turns into a string."""
     names = filter_names(filters)

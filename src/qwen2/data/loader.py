@@ -54,23 +54,37 @@ class PackedLoader:
     `spread`: steps per window (see the module docstring); 1 reads consecutive rows.
     """
 
-    def __init__(self, data: ShardSet | Mixture | str | os.PathLike, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, *, eot_id: int | None = None, shuffle: bool = True,
-                 spread: int = 1):
+    def __init__(
+        self,
+        data: ShardSet | Mixture | str | os.PathLike,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        *,
+        eot_id: int | None = None,
+        shuffle: bool = True,
+        spread: int = 1,
+    ):
         if isinstance(data, (str, os.PathLike)):
             from qwen2.data.prepare import open_corpus
 
             data = open_corpus(data)
         self.mixture = data if isinstance(data, Mixture) else Mixture([data])
         if seq_len < 1 or batch_size < 1 or spread < 1:
-            raise ValueError(f"PackedLoader: seq_len, batch_size and spread must be >= 1, got {seq_len}, {batch_size} "
-                             f"and {spread}")
+            raise ValueError(
+                f"PackedLoader: seq_len, batch_size and spread must be >= 1, got {seq_len}, {batch_size} "
+                f"and {spread}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"PackedLoader: rank {rank} is not in [0, world_size={world_size})")
         if eot_id is None:
             eot_id = self.mixture.meta.get("endoftext_id")
             if eot_id is None:
-                raise ValueError("PackedLoader: the shards record no endoftext_id; pass eot_id=tok.endoftext_id")
+                raise ValueError(
+                    "PackedLoader: the shards record no endoftext_id; pass eot_id=tok.endoftext_id"
+                )
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.eot_id, self.shuffle, self.spread = seed, int(eot_id), shuffle, spread
         self.position = 0  # stream ids before the current window
@@ -120,7 +134,9 @@ class PackedLoader:
             within, doc_len = local - int(cum[j]), int(cum[j + 1] - cum[j]) - 1
             if within < doc_len:
                 take = min(doc_len - within, n - filled)
-                out[filled: filled + take] = self.mixture.tokens(int(src[j]), int(doc[j]))[within: within + take]
+                out[filled : filled + take] = self.mixture.tokens(int(src[j]), int(doc[j]))[
+                    within : within + take
+                ]
             else:
                 take = 1
                 out[filled] = self.eot_id
@@ -144,7 +160,7 @@ class PackedLoader:
         e, start = self._locate(self.position)
         return e + (self.position - start) / int(self._block(e)[2][-1])
 
-    def __iter__(self) -> "PackedLoader":
+    def __iter__(self) -> PackedLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -170,28 +186,49 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """The exact position, identical on every rank (plain ints and lists: JSON- and torch.save-able)."""
         e, start = self._locate(self.position)
-        return {"version": 1, "position": self.position, "in_window": self.in_window, "spread": self.spread,
-                "step": self.step, "block": e, "block_start": start, "seed": self.seed, "shuffle": self.shuffle,
-                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                "data": self.mixture.fingerprint()}
+        return {
+            "version": 1,
+            "position": self.position,
+            "in_window": self.in_window,
+            "spread": self.spread,
+            "step": self.step,
+            "block": e,
+            "block_start": start,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "data": self.mixture.fingerprint(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
             raise ValueError(f"PackedLoader: loader state version {state.get('version')!r} is not 1")
         if state["seed"] != self.seed or state.get("shuffle", True) != self.shuffle:
-            raise ValueError(f"PackedLoader: the state is for seed {state['seed']} (shuffle {state.get('shuffle')}), "
-                             f"this loader has seed {self.seed} (shuffle {self.shuffle}); resume with the same ones")
+            raise ValueError(
+                f"PackedLoader: the state is for seed {state['seed']} (shuffle {state.get('shuffle')}), "
+                f"this loader has seed {self.seed} (shuffle {self.shuffle}); resume with the same ones"
+            )
         if state["data"] != self.mixture.fingerprint():
-            raise ValueError("PackedLoader: the state was saved over other data (sources, sizes or weights differ): "
-                             f"{state['data']} vs {self.mixture.fingerprint()}")
+            raise ValueError(
+                "PackedLoader: the state was saved over other data (sources, sizes or weights differ): "
+                f"{state['data']} vs {self.mixture.fingerprint()}"
+            )
         if state.get("spread", 1) != self.spread:
-            raise ValueError(f"PackedLoader: the state is for spread {state.get('spread', 1)}, this loader has "
-                             f"spread {self.spread}; resume with the same one")
+            raise ValueError(
+                f"PackedLoader: the state is for spread {state.get('spread', 1)}, this loader has "
+                f"spread {self.spread}; resume with the same one"
+            )
         in_window = int(state.get("in_window", 0))
-        if in_window and (state["global_batch_size"], state["seq_len"]) != (self.global_batch_size, self.seq_len):
-            raise ValueError(f"PackedLoader: the state is {in_window} steps into a window of global batch "
-                             f"{state['global_batch_size']} x {state['seq_len']}; resume with that global batch and "
-                             f"sequence length (they may change only at a window's start)")
+        if in_window and (state["global_batch_size"], state["seq_len"]) != (
+            self.global_batch_size,
+            self.seq_len,
+        ):
+            raise ValueError(
+                f"PackedLoader: the state is {in_window} steps into a window of global batch "
+                f"{state['global_batch_size']} x {state['seq_len']}; resume with that global batch and "
+                f"sequence length (they may change only at a window's start)"
+            )
         if not 0 <= state["block_start"] <= state["position"]:
             raise ValueError(f"PackedLoader: inconsistent state {state}")
         self.position, self.step, self.in_window = int(state["position"]), int(state["step"]), in_window

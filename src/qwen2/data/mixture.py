@@ -17,7 +17,7 @@ every block. With one source, N is its document count and block e is exactly its
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -29,18 +29,26 @@ class Mixture:
     `Mixture([(a, 0.7), (b, 0.3)])`, or `Mixture([a, b])` (weights by size: every document once an epoch).
     Weights are normalised; a source of weight 0 is left out."""
 
-    def __init__(self, sources: Mapping[str, ShardSet] | Sequence, weights: Mapping[str, float] | Sequence[float] | None = None):
+    def __init__(
+        self,
+        sources: Mapping[str, ShardSet] | Sequence,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+    ):
         if isinstance(sources, Mapping):
             names, sets = list(sources), list(sources.values())
         else:
             items = list(sources)
             if items and all(isinstance(x, tuple) for x in items):
                 if weights is not None:
-                    raise ValueError("Mixture: give weights either in (shards, weight) pairs or as `weights`, not both")
+                    raise ValueError(
+                        "Mixture: give weights either in (shards, weight) pairs or as `weights`, not both"
+                    )
                 sets, weights = [x[0] for x in items], [x[1] for x in items]
             else:
                 sets = items
-            names = [getattr(getattr(s, "path", None), "name", "") or f"source{i}" for i, s in enumerate(sets)]
+            names = [
+                getattr(getattr(s, "path", None), "name", "") or f"source{i}" for i, s in enumerate(sets)
+            ]
             if len(set(names)) != len(names):
                 names = [f"{n}#{i}" for i, n in enumerate(names)]
         if not sets:
@@ -53,14 +61,18 @@ class Mixture:
         elif isinstance(weights, Mapping):
             unknown = set(weights) - set(names)
             if unknown:
-                raise ValueError(f"Mixture: weights for unknown sources {sorted(unknown)}; sources are {names}")
+                raise ValueError(
+                    f"Mixture: weights for unknown sources {sorted(unknown)}; sources are {names}"
+                )
             w = np.array([float(weights.get(n, 0.0)) for n in names])
         else:
             w = np.array([float(x) for x in weights])
             if len(w) != len(sets):
                 raise ValueError(f"Mixture: {len(w)} weights for {len(sets)} sources")
         if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-            raise ValueError(f"Mixture: weights must be finite, >= 0 and not all 0, got {dict(zip(names, w.tolist()))}")
+            raise ValueError(
+                f"Mixture: weights must be finite, >= 0 and not all 0, got {dict(zip(names, w.tolist()))}"
+            )
         for n, s, x in zip(names, sets, w):
             if x > 0 and len(s) == 0:
                 raise ValueError(f"Mixture: source {n!r} has weight {x} but no documents")
@@ -88,8 +100,12 @@ class Mixture:
 
     def fingerprint(self) -> dict:
         """What identifies the document order, for checking a resumed loader reads the same data."""
-        return {"sources": self.names, "docs": [len(s) for s in self.sets], "tokens": [s.n_tokens for s in self.sets],
-                "weights": [round(float(w), 12) for w in self.weights]}
+        return {
+            "sources": self.names,
+            "docs": [len(s) for s in self.sets],
+            "tokens": [s.n_tokens for s in self.sets],
+            "weights": [round(float(w), 12) for w in self.weights],
+        }
 
     def tokens(self, source: int, doc: int) -> np.ndarray:
         return self.sets[source][doc]
@@ -132,8 +148,10 @@ class Mixture:
             keys.append((np.arange(hi - lo) + 0.5) / max(hi - lo, 1))  # evenly spread, for shuffle=False
         src, doc = np.concatenate(srcs), np.concatenate(docs)
         if len(self.sets) > 1:
-            order = (np.random.default_rng([seed, 0x313, e]).permutation(len(src)) if shuffle
-                     else np.argsort(np.concatenate(keys), kind="stable"))
+            order = (
+                np.random.default_rng([seed, 0x313, e]).permutation(len(src))
+                if shuffle
+                else np.argsort(np.concatenate(keys), kind="stable")
+            )
             src, doc = src[order], doc[order]
         return src, doc
-

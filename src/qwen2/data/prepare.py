@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -34,8 +34,11 @@ _PROBE = "Hello, world!\n\ndef f(x):\n    return x ** 2  # 12345 üñïcødé �
 
 def tokenizer_fingerprint(tok) -> dict:
     """What identifies a tokenizer well enough to reuse shards made with it."""
-    return {"name": str(getattr(tok, "name", type(tok).__name__)), "endoftext_id": int(tok.endoftext_id),
-            "probe": hashlib.sha256(json.dumps(list(tok.encode(_PROBE))).encode()).hexdigest()[:16]}
+    return {
+        "name": str(getattr(tok, "name", type(tok).__name__)),
+        "endoftext_id": int(tok.endoftext_id),
+        "probe": hashlib.sha256(json.dumps(list(tok.encode(_PROBE))).encode()).hexdigest()[:16],
+    }
 
 
 def files_digest(files: Sequence[Path]) -> str:
@@ -59,9 +62,18 @@ def _resolve(steps, default: Callable[[], list], what: str) -> list:
     return steps
 
 
-def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="default", dedup="default", *,
-                   shard_tokens: int = 1 << 24, batch_docs: int = 256, progress: bool = True,
-                   overwrite: bool = False) -> dict:
+def prepare_corpus(
+    sources,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    filters="default",
+    dedup="default",
+    *,
+    shard_tokens: int = 1 << 24,
+    batch_docs: int = 256,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Read, filter, deduplicate, tokenize and shard `sources` into `out_dir`; returns the report (also in
     `out_dir/report.json`).
 
@@ -81,11 +93,22 @@ def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="defa
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {s.name: s.files() for s in sources}
     fingerprint = {
-        "sources": [{"name": s.name, "kind": s.kind, "weight": s.weight, "text_field": s.text_field,
-                     "max_chars": s.max_chars, "files": len(files[s.name]), "files_digest": files_digest(files[s.name])}
-                    for s in sources],
-        "filters": describe(filters), "dedup": describe(dedup),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "shard_tokens": shard_tokens,
+        "sources": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "weight": s.weight,
+                "text_field": s.text_field,
+                "max_chars": s.max_chars,
+                "files": len(files[s.name]),
+                "files_digest": files_digest(files[s.name]),
+            }
+            for s in sources
+        ],
+        "filters": describe(filters),
+        "dedup": describe(dedup),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "shard_tokens": shard_tokens,
     }
     cached = _cached_report(out_dir, fingerprint) if not overwrite else None
     if cached is not None:
@@ -96,20 +119,45 @@ def prepare_corpus(sources, tokenizer, out_dir: str | os.PathLike, filters="defa
     report = {"format": "qwen2-corpus", "version": 1, "fingerprint": fingerprint, "sources": {}}
     for source in sources:
         report["sources"][source.name] = _prepare_source(
-            source, files[source.name], tokenizer, out_dir / source.name, steps, names, fingerprint["tokenizer"],
-            shard_tokens, batch_docs, progress)
+            source,
+            files[source.name],
+            tokenizer,
+            out_dir / source.name,
+            steps,
+            names,
+            fingerprint["tokenizer"],
+            shard_tokens,
+            batch_docs,
+            progress,
+        )
     report["total"] = _total(report["sources"].values(), names)
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json(out_dir / REPORT, report)
     return report
 
 
-def _prepare_source(source: Source, files: list[Path], tok, shard_dir: Path, steps, names, tok_fp, shard_tokens,
-                    batch_docs, progress) -> dict:
+def _prepare_source(
+    source: Source,
+    files: list[Path],
+    tok,
+    shard_dir: Path,
+    steps,
+    names,
+    tok_fp,
+    shard_tokens,
+    batch_docs,
+    progress,
+) -> dict:
     t0 = time.perf_counter()
     stats = FilterStats(names)
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, disable=not progress,
-               desc=f"prepare {source.name}", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(f.stat().st_size for f in files),
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"prepare {source.name}",
+        dynamic_ncols=True,
+    )
 
     def read():
         for doc in source.docs(files):
@@ -119,6 +167,7 @@ def _prepare_source(source: Source, files: list[Path], tok, shard_dir: Path, ste
     meta = {"endoftext_id": int(tok.endoftext_id), "tokenizer": tok_fp, "source": source.name}
     tokens, kept, batch = 0, 0, []
     with ShardWriter(shard_dir, shard_tokens, meta) as writer:
+
         def flush():
             nonlocal tokens, kept
             for ids in tok.encode_batch(batch):
@@ -137,12 +186,24 @@ def _prepare_source(source: Source, files: list[Path], tok, shard_dir: Path, ste
     kept_docs = stats.docs_in - sum(stats.dropped_docs.values())
     kept_bytes = stats.bytes_in - sum(stats.dropped_bytes.values())
     return {
-        "dir": source.name, "kind": source.kind, "weight": source.weight,
-        "read": {"files": len(files), "skipped_files": len(source.skipped), "skipped_examples": source.skipped[:10],
-                 "docs": stats.docs_in, "bytes": stats.bytes_in},
+        "dir": source.name,
+        "kind": source.kind,
+        "weight": source.weight,
+        "read": {
+            "files": len(files),
+            "skipped_files": len(source.skipped),
+            "skipped_examples": source.skipped[:10],
+            "docs": stats.docs_in,
+            "bytes": stats.bytes_in,
+        },
         "steps": stats.report(),
-        "kept": {"docs": kept_docs, "bytes": kept_bytes, "tokens": writer.n_tokens, "shards": len(writer.shards),
-                 "docs_written": writer.n_docs},
+        "kept": {
+            "docs": kept_docs,
+            "bytes": kept_bytes,
+            "tokens": writer.n_tokens,
+            "shards": len(writer.shards),
+            "docs_written": writer.n_docs,
+        },
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -151,10 +212,22 @@ def _total(per_source, names) -> dict:
     per_source = list(per_source)
     rows = []
     for i, n in enumerate(names):
-        rows.append({k: (n if k == "step" else sum(s["steps"][i][k] for s in per_source)) for k in per_source[0]["steps"][i]})
-    return {"read": {k: sum(s["read"][k] for s in per_source) for k in ("files", "skipped_files", "docs", "bytes")},
-            "steps": rows,
-            "kept": {k: sum(s["kept"][k] for s in per_source) for k in ("docs", "bytes", "tokens", "shards", "docs_written")}}
+        rows.append(
+            {
+                k: (n if k == "step" else sum(s["steps"][i][k] for s in per_source))
+                for k in per_source[0]["steps"][i]
+            }
+        )
+    return {
+        "read": {
+            k: sum(s["read"][k] for s in per_source) for k in ("files", "skipped_files", "docs", "bytes")
+        },
+        "steps": rows,
+        "kept": {
+            k: sum(s["kept"][k] for s in per_source)
+            for k in ("docs", "bytes", "tokens", "shards", "docs_written")
+        },
+    }
 
 
 def _cached_report(out_dir: Path, fingerprint: dict) -> dict | None:
@@ -180,8 +253,10 @@ def open_corpus(path: str | os.PathLike, weights: dict[str, float] | None = None
     if (path / MANIFEST).is_file():
         return ShardSet(path)
     if not (path / REPORT).is_file():
-        raise FileNotFoundError(f"{path}: neither a shard set ({MANIFEST}) nor a prepared corpus ({REPORT}); "
-                                "run prepare_corpus first")
+        raise FileNotFoundError(
+            f"{path}: neither a shard set ({MANIFEST}) nor a prepared corpus ({REPORT}); "
+            "run prepare_corpus first"
+        )
     report = json.loads((path / REPORT).read_text())
     sets = {name: ShardSet(path / s["dir"]) for name, s in report["sources"].items()}
     if len(sets) == 1 and weights is None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -69,7 +69,9 @@ class ShardWriter:
         if a.size == 0:
             return
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"ShardWriter: a document must be a 1-D sequence of integer ids, got {a.dtype}{list(a.shape)}")
+            raise ValueError(
+                f"ShardWriter: a document must be a 1-D sequence of integer ids, got {a.dtype}{list(a.shape)}"
+            )
         if int(a.min()) < 0 or int(a.max()) >= 1 << 32:
             raise ValueError(f"ShardWriter: ids must lie in [0, 2^32), got [{int(a.min())}, {int(a.max())}]")
         self._pending.append(a.astype(np.uint32, copy=False))
@@ -98,8 +100,15 @@ class ShardWriter:
         if self.closed:
             raise ValueError(f"{self.out_dir}: ShardWriter already closed")
         self._flush()
-        manifest = {"format": FORMAT, "version": VERSION, "dtype": "uint32", "n_docs": self.n_docs,
-                    "n_tokens": self.n_tokens, "shards": self.shards, "meta": self.meta}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": "uint32",
+            "n_docs": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "shards": self.shards,
+            "meta": self.meta,
+        }
         write_json(self.out_dir / MANIFEST, manifest)
         listed = {f"{s['name']}.{kind}.npy" for s in self.shards for kind in ("tokens", "offsets")}
         for stale in self.out_dir.glob("shard_*.npy"):
@@ -108,7 +117,7 @@ class ShardWriter:
         self.closed = True
         return manifest
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -116,8 +125,12 @@ class ShardWriter:
             self.close()
 
 
-def write_shards(docs: Iterable[Sequence[int]], out_dir: str | os.PathLike, shard_tokens: int = 1 << 24,
-                 meta: dict | None = None) -> "ShardSet":
+def write_shards(
+    docs: Iterable[Sequence[int]],
+    out_dir: str | os.PathLike,
+    shard_tokens: int = 1 << 24,
+    meta: dict | None = None,
+) -> ShardSet:
     """Write lists of ids as a shard set and open it."""
     with ShardWriter(out_dir, shard_tokens, meta) as w:
         for ids in docs:
@@ -138,17 +151,28 @@ class ShardSet:
         if not manifest_path.is_file():
             raise FileNotFoundError(
                 f"{manifest_path}: missing, so {self.path} is not a finished shard set (an interrupted write "
-                "leaves none); run prepare_corpus / ShardWriter again")
+                "leaves none); run prepare_corpus / ShardWriter again"
+            )
         m = json.loads(manifest_path.read_text())
         if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise ValueError(f"{manifest_path}: format {m.get('format')!r} v{m.get('version')}, expected {FORMAT!r} v{VERSION}")
+            raise ValueError(
+                f"{manifest_path}: format {m.get('format')!r} v{m.get('version')}, "
+                f"expected {FORMAT!r} v{VERSION}"
+            )
         self.manifest, self.meta = m, m.get("meta", {})
         self._tokens, offsets = [], []
         for s in m["shards"]:
             tok = np.load(self.path / f"{s['name']}.tokens.npy", mmap_mode="r")
             off = np.load(self.path / f"{s['name']}.offsets.npy")
-            if tok.dtype != np.uint32 or len(tok) != s["n_tokens"] or len(off) != s["n_docs"] + 1 or off[-1] != len(tok):
-                raise ValueError(f"{self.path}/{s['name']}: shard files disagree with {MANIFEST} (sizes or dtype)")
+            if (
+                tok.dtype != np.uint32
+                or len(tok) != s["n_tokens"]
+                or len(off) != s["n_docs"] + 1
+                or off[-1] != len(tok)
+            ):
+                raise ValueError(
+                    f"{self.path}/{s['name']}: shard files disagree with {MANIFEST} (sizes or dtype)"
+                )
             self._tokens.append(tok)
             offsets.append(off.astype(np.int64))
         self._offsets = offsets
@@ -176,7 +200,7 @@ class ShardSet:
         s = int(self._shard[g])
         local = g - int(self._first[s])
         off = self._offsets[s]
-        return self._tokens[s][off[local]: off[local + 1]]
+        return self._tokens[s][off[local] : off[local + 1]]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -186,7 +210,7 @@ class ShardSet:
         return f"ShardSet({str(self.path)!r}{view}: {len(self)} docs, {self.n_tokens} tokens)"
 
     # ---- views ---------------------------------------------------------------------------------
-    def _view(self, keep: np.ndarray) -> "ShardSet":
+    def _view(self, keep: np.ndarray) -> ShardSet:
         """A view of the documents at positions `keep` (sorted) of this set."""
         v = object.__new__(ShardSet)
         v.__dict__.update(self.__dict__)
@@ -194,7 +218,7 @@ class ShardSet:
         v._ids, v.lengths = base[keep], self.lengths[keep]
         return v
 
-    def select(self, min_tokens: int = 0, max_tokens: int | None = None) -> "ShardSet":
+    def select(self, min_tokens: int = 0, max_tokens: int | None = None) -> ShardSet:
         """The documents with min_tokens <= length (<= max_tokens): long documents for the long-context
         stage, e.g. `shards.select(min_tokens=4 * seq_len)`."""
         keep = self.lengths >= min_tokens
@@ -202,7 +226,9 @@ class ShardSet:
             keep &= self.lengths <= max_tokens
         return self._view(np.flatnonzero(keep))
 
-    def split(self, val_fraction: float = 0.01, seed: int = 0, min_val_docs: int = 1) -> tuple["ShardSet", "ShardSet"]:
+    def split(
+        self, val_fraction: float = 0.01, seed: int = 0, min_val_docs: int = 1
+    ) -> tuple[ShardSet, ShardSet]:
         """(train, val): a held-out set of about `val_fraction` of the documents (at least `min_val_docs`),
         chosen at random from `seed`; the two are disjoint and cover the set."""
         n = len(self)

@@ -15,8 +15,9 @@ from collections import OrderedDict
 import numpy as np
 
 
-def block_hashes(tokens: list[int], block_size: int, n_blocks: int,
-                 prefix: list[bytes] | None = None) -> list[bytes]:
+def block_hashes(
+    tokens: list[int], block_size: int, n_blocks: int, prefix: list[bytes] | None = None
+) -> list[bytes]:
     """Chained digests of the first `n_blocks` full blocks of `tokens`; `prefix` holds ones already known."""
     out = list(prefix or [])[:n_blocks]
     parent = out[-1] if out else b""

@@ -82,9 +82,17 @@ class Engine:
     is also the longest prefill chunk. max_model_len: prompt + output at most (default: the config's).
     """
 
-    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_bytes: int = 1 << 30, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int = 1 << 30,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+    ):
         self.model, self.config = model, model.config
         p = next(model.parameters())
         self.max_model_len = max_model_len or self.config.max_position_embeddings
@@ -94,8 +102,9 @@ class Engine:
             num_blocks = max(min(want, kv_cache_bytes // per_block), 1)
         self.pool = KVPool(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
         self.runner = Runner(model, self.pool)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -106,9 +115,15 @@ class Engine:
         """Tokens the whole cache holds: one request's prompt + output can use at most this."""
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None, *,
-                    logprobs: int | None = None, prompt_logprobs: int | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        request_id: str | None = None,
+    ) -> str:
         """Queue a request; it joins the batch at the next step. Returns its id.
 
         params: qwen2.sampling's SamplingParams (default: greedy, 256 tokens); its max_new_tokens,
@@ -127,14 +142,24 @@ class Engine:
         history = None
         if params.needs_history and params.max_new_tokens > 0:
             history = TokenHistory([prompt], self.config.vocab_size, self.pool.k.device)
-        seq = Sequence(request_id, prompt, params.max_new_tokens, params, frozenset(params.stop_token_ids),
-                       logprobs, prompt_logprobs, gen, history=history)
+        seq = Sequence(
+            request_id,
+            prompt,
+            params.max_new_tokens,
+            params,
+            frozenset(params.stop_token_ids),
+            logprobs,
+            prompt_logprobs,
+            gen,
+            history=history,
+        )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def check_request(self, prompt: list[int], params: SamplingParams | None = None
-                      ) -> tuple[list[int], SamplingParams]:
+    def check_request(
+        self, prompt: list[int], params: SamplingParams | None = None
+    ) -> tuple[list[int], SamplingParams]:
         """(prompt as ints, params with defaults) for a request that can run; ValueError naming what is wrong.
         Reads only what never changes, so another thread may call it while a step runs."""
         params = params if params is not None else SamplingParams(temperature=0.0)
@@ -145,8 +170,13 @@ class Engine:
         else:
             context = self.capacity
             limit = "the engine's KV cache: num_blocks * block_size, or kv_cache_bytes"
-        prompt = check_prompt(prompt, context=context, vocab_size=self.config.vocab_size,
-                              max_new_tokens=params.max_new_tokens, limit=limit)
+        prompt = check_prompt(
+            prompt,
+            context=context,
+            vocab_size=self.config.vocab_size,
+            max_new_tokens=params.max_new_tokens,
+            limit=limit,
+        )
         return prompt, params
 
     def abort(self, request_id: str) -> bool:
@@ -206,8 +236,9 @@ class Engine:
             picked = zip(tokens.tolist(), tokens.split(1))
         return [next(picked) if s.max_tokens > 0 else None for s, _ in ready]
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, picked: tuple[int, torch.Tensor] | None
-              ) -> StepOutput:
+    def _emit(
+        self, seq: Sequence, logits: torch.Tensor, picked: tuple[int, torch.Tensor] | None
+    ) -> StepOutput:
         first = not seq.output
         out = StepOutput(seq.request_id, [])
         if first and seq.prompt_logprobs is not None:

@@ -24,10 +24,16 @@ class KVPool:
     The extra last block is scratch: padding tokens of a ragged batch are written there and never read.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32,
-                 device="cpu"):
-        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads,
-                 config.head_dim)
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32, device="cpu"
+    ):
+        shape = (
+            config.num_hidden_layers,
+            num_blocks + 1,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size

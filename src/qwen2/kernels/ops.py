@@ -13,8 +13,8 @@ are False and callers keep torch's ops; `status()` says which and why.
 
 Callers: the kernel layers of layers.py, swapped into a model by `qwen2.kernels.install`: the linears
 (GEMV, at most MAX_ROWS rows: `usable`), RMSNorm and RoPE (`eager_usable`), attention
-(`decode_attention_ok`); never with autograd. Inside torch.compile the GEMVs and the attention are the ops torch.ops.qwen2.*; RMSNorm
-and RoPE are left to inductor, which fuses them itself.
+(`decode_attention_ok`); never with autograd. Inside torch.compile the GEMVs and the attention are the
+ops torch.ops.qwen2.*; RMSNorm and RoPE are left to inductor, which fuses them itself.
 """
 
 from __future__ import annotations
@@ -69,11 +69,15 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None, f"no C compiler ({cc}): torch's kernels"
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cc, *FLAGS]).encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join([cc, *FLAGS]).encode(), _cpu_flags().encode()])
+    )
     path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         with atomic_path(path) as tmp:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+            done = subprocess.run(
+                [cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True
+            )
             if done.returncode:
                 first = (done.stderr.strip().splitlines() or ["?"])[0]
                 raise OSError(f"{cc} failed: {first}")
@@ -85,7 +89,22 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.q2_glu.argtypes = [c_int, p, p, p, p, p, p, i64, i64, i64, p, i64, p, c_int]
     lib.q2_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
     lib.q2_rotary.argtypes = [p, p, p, i64, i64, i64, p]
-    lib.q2_decode_attention.argtypes = [p, p, p, i64, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
+    lib.q2_decode_attention.argtypes = [
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ctypes.c_float,
+        p,
+        c_int,
+    ]
     return lib, f"on ({path})"
 
 
@@ -126,8 +145,11 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 def eager_usable(*tensors: torch.Tensor) -> bool:
     """True when rms_norm / rotary / decode_attention may take these tensors: all bf16 on CPU, no autograd,
     outside torch.compile (they are not torch ops: inductor fuses the small ops they replace itself)."""
-    return (not torch.compiler.is_compiling() and all(t.dtype == torch.bfloat16 for t in tensors)
-            and _ready(tensors))
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.dtype == torch.bfloat16 for t in tensors)
+        and _ready(tensors)
+    )
 
 
 def _bf16_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +166,14 @@ def _call(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, *weight
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
     if bias is not None:
         bias = _bf16_contiguous(bias)
-    getattr(lib, name)(*weight_args, x.data_ptr(), x.numel() // x.shape[-1], None if bias is None else bias.data_ptr(),
-                       y.data_ptr(), torch.get_num_threads())
+    getattr(lib, name)(
+        *weight_args,
+        x.data_ptr(),
+        x.numel() // x.shape[-1],
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     return y
 
 
@@ -164,8 +192,17 @@ def _glu(x, w_gate, w_up, s_gate, s_up, z_gate, z_up, group_size: int) -> torch.
     wg, wu, x = w_gate.contiguous(), w_up.contiguous(), x.contiguous()
     sg, zg, su, zu = (None if t is None else _bf16_contiguous(t) for t in (s_gate, z_gate, s_up, z_up))
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    library().q2_glu(kind, *(None if t is None else t.data_ptr() for t in (wg, sg, zg, wu, su, zu)), group_size, n, k,
-                      x.data_ptr(), x.numel() // k, y.data_ptr(), torch.get_num_threads())
+    library().q2_glu(
+        kind,
+        *(None if t is None else t.data_ptr() for t in (wg, sg, zg, wu, su, zu)),
+        group_size,
+        n,
+        k,
+        x.data_ptr(),
+        x.numel() // k,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     return y
 
 
@@ -186,16 +223,24 @@ def _int4(x, weight, scales, zeros, group_size: int, bias) -> torch.Tensor:
 _ops = torch.library.Library("qwen2", "DEF")
 for _name, _schema, _fn in (
     ("gemv_bf16", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _bf16),
-    ("gemv_glu", "(Tensor x, Tensor weight, Tensor w_up, Tensor? s_gate, Tensor? s_up, Tensor? z_gate, Tensor? z_up, "
-                 "int group_size) -> Tensor", _glu),
+    (
+        "gemv_glu",
+        "(Tensor x, Tensor weight, Tensor w_up, Tensor? s_gate, Tensor? s_up, Tensor? z_gate, Tensor? z_up, "
+        "int group_size) -> Tensor",
+        _glu,
+    ),
     ("gemv_int8", "(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor", _int8),
-    ("gemv_int4", "(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
-     _int4),
+    (
+        "gemv_int4",
+        "(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
+        _int4,
+    ),
 ):
     _ops.define(_name + _schema)
     _ops.impl(_name, _fn, "CPU")
-    torch.library.register_fake(f"qwen2::{_name}",
-                                lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_ops)
+    torch.library.register_fake(
+        f"qwen2::{_name}", lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_ops
+    )
 
 
 def _run(name: str, fn, *args) -> torch.Tensor:
@@ -207,7 +252,9 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _run("gemv_bf16", _bf16, x, weight, bias)
 
 
-def gemv_glu(x, w_gate, w_up, s_gate=None, s_up=None, z_gate=None, z_up=None, group_size: int = 0) -> torch.Tensor:
+def gemv_glu(
+    x, w_gate, w_up, s_gate=None, s_up=None, z_gate=None, z_up=None, group_size: int = 0
+) -> torch.Tensor:
     """silu(x @ G^T) * (x @ U^T) in one call, G and U of one kind: bf16 weights [N, K], int8 with scales, or
     int4 with scales, zeros and group_size (as gemv_int8 / gemv_int4 take them). Each step is rounded to
     bf16 where torch's ops round: the gate and up products, the silu, the product."""
@@ -251,9 +298,16 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     """True when decode_attention may take these (also inside torch.compile, as an op): bf16 on CPU, no
     autograd, one query per row, k and v alike with rows of d contiguous."""
     d = q.shape[-1]
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[2] == 1 and q.shape[1] % k.shape[1] == 0
-            and k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1 and k.stride(-2) == d
-            and _ready((q, k, v)))
+    return (
+        q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.shape[2] == 1
+        and q.shape[1] % k.shape[1] == 0
+        and k.shape == v.shape
+        and k.stride() == v.stride()
+        and k.stride(-1) == 1
+        and k.stride(-2) == d
+        and _ready((q, k, v))
+    )
 
 
 def _decode_attention(q, k, v, mask) -> torch.Tensor:
@@ -261,8 +315,22 @@ def _decode_attention(q, k, v, mask) -> torch.Tensor:
     q = q.contiguous()
     m = mask.reshape(b, -1).contiguous()
     out = torch.empty_like(q)
-    library().q2_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), m.data_ptr(),
-                                   b, hq, k.shape[1], k.shape[2], d, d**-0.5, out.data_ptr(), torch.get_num_threads())
+    library().q2_decode_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        m.data_ptr(),
+        b,
+        hq,
+        k.shape[1],
+        k.shape[2],
+        d,
+        d**-0.5,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -273,5 +341,6 @@ torch.library.register_fake("qwen2::decode_attention", lambda q, k, v, mask: tor
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA for one query per row: q [B, Hq, 1, d]; k, v [B, Hkv, W, d] (views of a cache: see
-    decode_attention_ok); mask [B, 1, 1, W] bool (True: may attend). Query head a reads KV head a // (Hq / Hkv)."""
+    decode_attention_ok); mask [B, 1, 1, W] bool (True: may attend). Query head a reads KV head
+    a // (Hq / Hkv)."""
     return _run("decode_attention", _decode_attention, q, k, v, mask)

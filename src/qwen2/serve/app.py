@@ -33,8 +33,9 @@ from qwen2.serve.server import Server
 from qwen2.tokenizer.bpe import load_tokenizer
 
 
-def create_app(engine, tokenizer, *, model_name: str = "qwen2", api_key: str | None = None,
-               **limits) -> FastAPI:
+def create_app(
+    engine, tokenizer, *, model_name: str = "qwen2", api_key: str | None = None, **limits
+) -> FastAPI:
     """The FastAPI app; `limits`: max_body_bytes, max_pending, tool_format (see Server)."""
     srv = Server(engine, tokenizer, model_name=model_name, api_key=api_key, **limits)
 
@@ -53,8 +54,9 @@ def create_app(engine, tokenizer, *, model_name: str = "qwen2", api_key: str | N
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(),
-                            status_code=e.status_code)
+        return JSONResponse(
+            APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
@@ -102,8 +104,16 @@ def create_app(engine, tokenizer, *, model_name: str = "qwen2", api_key: str | N
     return app
 
 
-def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          api_key: str | None = None, dtype: str | None = None, **engine_kwargs) -> None:
+def serve(
+    model_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    dtype: str | None = None,
+    **engine_kwargs,
+) -> None:
     """`qwen2 serve`: load the checkpoint and its tokenizer, and serve until interrupted."""
     # Here, not at the top: an optional dependency that create_app (tests, embedders) does not need.
     uvicorn = require("uvicorn", "serve", "serving over HTTP")

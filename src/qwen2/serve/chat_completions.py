@@ -30,16 +30,22 @@ def chat_prompt(srv: Server, req: ChatRequest) -> tuple[list[int], bool]:
     for m in req.messages:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.tool_calls:
-            msg["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                 for c in m.tool_calls]
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in m.tool_calls
+            ]
         messages.append(msg)
     tools = None
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
-        ids, _ = encode_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools,
-                             tool_format=srv.tool_format)
+        ids, _ = encode_chat(
+            srv.tokenizer, messages, add_generation_prompt=True, tools=tools, tool_format=srv.tool_format
+        )
     except (ValueError, TypeError) as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
     return ids, tools is not None
@@ -60,8 +66,11 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     prompt, tools_on = chat_prompt(srv, req)
-    asked, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
-                    else (req.max_tokens, "max_tokens"))
+    asked, param = (
+        (req.max_completion_tokens, "max_completion_tokens")
+        if req.max_completion_tokens
+        else (req.max_tokens, "max_tokens")
+    )
     max_tokens = srv.check_prompt(prompt, asked, param="messages", budget=param)
     k = (req.top_logprobs or 0) if req.logprobs else None
     choices = [Choice(i, prompt, TextStream(srv.tokenizer, stops), srv.stop_ids) for i in range(req.n)]
@@ -83,16 +92,24 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
             msg = {"role": "assistant", "content": content, "refusal": None}
             if calls:
                 msg["tool_calls"] = calls
-            body.append({"index": c.index, "message": msg, "finish_reason": reason,
-                         "logprobs": chat_logprobs(srv.tokenizer, c.logprobs, k) if k is not None else None})
+            body.append(
+                {
+                    "index": c.index,
+                    "message": msg,
+                    "finish_reason": reason,
+                    "logprobs": chat_logprobs(srv.tokenizer, c.logprobs, k) if k is not None else None,
+                }
+            )
         return dict(head, object="chat.completion", choices=body, usage=srv.usage([prompt], choices))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
-        out = dict(head, object="chat.completion.chunk",
-                   choices=[{"index": index, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": finish_reason}])
+        out = dict(
+            head,
+            object="chat.completion.chunk",
+            choices=[{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        )
         if include_usage:
             out["usage"] = None
         return sse(out)
@@ -108,13 +125,19 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
             if tools_on:  # hold everything from a (possibly partial) <tool_call> on
                 at = text.find(CALL_OPEN)
                 if at < 0 and not c.done:
-                    at = next((i for i in range(max(0, len(text) - len(CALL_OPEN) + 1), len(text))
-                               if CALL_OPEN.startswith(text[i:])), -1)
+                    at = next(
+                        (
+                            i
+                            for i in range(max(0, len(text) - len(CALL_OPEN) + 1), len(text))
+                            if CALL_OPEN.startswith(text[i:])
+                        ),
+                        -1,
+                    )
                 if at >= 0:
                     upto = min(upto, max(at, sent[c.index]))
             lp = None
             if k is not None and len(c.logprobs) > sent_lp[c.index]:
-                lp = chat_logprobs(srv.tokenizer, c.logprobs[sent_lp[c.index]:], k)
+                lp = chat_logprobs(srv.tokenizer, c.logprobs[sent_lp[c.index] :], k)
                 sent_lp[c.index] = len(c.logprobs)
             delta = text[sent[c.index] : upto]
             sent[c.index] = upto
@@ -126,7 +149,7 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
                     deltas = [dict(call, index=j) for j, call in enumerate(calls)]
                     yield chunk(c.index, {"tool_calls": deltas})
                 elif sent[c.index] < len(text):
-                    yield chunk(c.index, {"content": text[sent[c.index]:]})
+                    yield chunk(c.index, {"content": text[sent[c.index] :]})
                 yield chunk(c.index, {}, finish_reason=reason)
         if include_usage:
             usage = srv.usage([prompt], choices)

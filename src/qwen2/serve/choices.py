@@ -77,12 +77,14 @@ def _top_with_sampled(lp: TokenLogprob) -> list[tuple[int, float]]:
 
 def chat_logprobs(tokenizer, lps: list[TokenLogprob], k: int) -> dict:
     """{"content": [{token, logprob, bytes, top_logprobs: [...k]}], "refusal": None}."""
+
     def entry(t: int, v: float) -> dict:
         b = token_bytes(tokenizer, t)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
 
-    content = [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top[:k]])
-               for lp in lps]
+    content = [
+        dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top[:k]]) for lp in lps
+    ]
     return {"content": content, "refusal": None}
 
 

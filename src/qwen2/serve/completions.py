@@ -45,11 +45,20 @@ async def completions(srv: Server, req: CompletionRequest, request: Request):
         name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
         srv.check_prompt(p, max_tokens, param=name, budget="max_tokens")
     echo_lp = req.echo and req.logprobs is not None
-    choices = [Choice(i * req.n + j, p, TextStream(srv.tokenizer, stops), srv.stop_ids)
-               for i, p in enumerate(prompts) for j in range(req.n)]
+    choices = [
+        Choice(i * req.n + j, p, TextStream(srv.tokenizer, stops), srv.stop_ids)
+        for i, p in enumerate(prompts)
+        for j in range(req.n)
+    ]
     queue: asyncio.Queue = asyncio.Queue()
-    srv.start(choices, queue, req, max_tokens, logprobs=req.logprobs,
-              prompt_logprobs=req.logprobs if echo_lp else None)
+    srv.start(
+        choices,
+        queue,
+        req,
+        max_tokens,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if echo_lp else None,
+    )
     rid, created = new_id("cmpl"), int(time.time())
     echoed = {c.index: srv.tokenizer.decode(c.prompt) if req.echo else "" for c in choices}  # ids checked
 
@@ -62,10 +71,23 @@ async def completions(srv: Server, req: CompletionRequest, request: Request):
     if not req.stream:
         async for _ in srv.run(choices, queue, request):
             pass
-        body = [{"index": c.index, "text": echoed[c.index] + c.stream.text, "finish_reason": c.finish_reason,
-                 "logprobs": logprobs(c, 0, len(c.logprobs), 0, echo_lp)} for c in choices]
-        return {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-                "choices": body, "usage": srv.usage(prompts, choices)}
+        body = [
+            {
+                "index": c.index,
+                "text": echoed[c.index] + c.stream.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": logprobs(c, 0, len(c.logprobs), 0, echo_lp),
+            }
+            for c in choices
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": srv.model_name,
+            "choices": body,
+            "usage": srv.usage(prompts, choices),
+        }
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -82,15 +104,29 @@ async def completions(srv: Server, req: CompletionRequest, request: Request):
             sent_lp[c.index] = len(c.logprobs)
             offset[c.index] += len(text)
             if text or c.done or (lp and lp["tokens"]):
-                out = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-                       "choices": [{"index": c.index, "text": text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason}]}
+                out = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": srv.model_name,
+                    "choices": [
+                        {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    ],
+                }
                 if include_usage:
                     out["usage"] = None
                 yield sse(out)
         if include_usage:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-                       "choices": [], "usage": srv.usage(prompts, choices)})
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": srv.model_name,
+                    "choices": [],
+                    "usage": srv.usage(prompts, choices),
+                }
+            )
         yield DONE
 
     return streaming(events())

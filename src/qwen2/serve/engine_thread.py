@@ -43,8 +43,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="qwen2-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: list[int], queue: asyncio.Queue | None = None,
-               **kwargs) -> tuple[str, asyncio.Queue]:
+    def submit(
+        self, prompt: list[int], queue: asyncio.Queue | None = None, **kwargs
+    ) -> tuple[str, asyncio.Queue]:
         """Queue one request (Engine.add_request's arguments); returns its id and the queue its outputs
         go to (`queue`, which several requests may share, or a new one). Raises Overloaded when
         `max_pending` requests are in flight, ValueError for a request the engine refuses."""
@@ -94,8 +95,10 @@ class AsyncEngine:
                 except BaseException as e:  # a bug, not bad input: fail every request in flight, keep serving
                     log.exception("engine step failed")
                     self.error = e
-                    outs = [StepOutput(rid, [], finished=True, finish_reason="error")
-                            for rid in list(self.engine.seqs)]
+                    outs = [
+                        StepOutput(rid, [], finished=True, finish_reason="error")
+                        for rid in list(self.engine.seqs)
+                    ]
                     for o in outs:
                         self.engine.abort(o.request_id)
                 for o in outs:

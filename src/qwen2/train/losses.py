@@ -12,7 +12,6 @@ Apple's Cut Cross-Entropy, in plain PyTorch.
 load_balancing_loss_func).
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -39,7 +38,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp_min(1)
         safe_t = targets.clamp_min(0)
-        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax dtype: fp32, or fp64 for fp64 inputs
+        acc = torch.promote_types(
+            compute_dtype, torch.float32
+        )  # softmax dtype: fp32, or fp64 for fp64 inputs
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
@@ -88,8 +89,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of logits = h @ weight.T against `targets` (IGNORE_INDEX skipped), in fp32.
 
     h [..., H], weight [V, H], targets [...]. Equals
@@ -107,9 +109,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
-
-
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-style auxiliary loss over all layers (SPEC 2.7): E * sum_e f[e] * mean_p[e], where f[e] is
     the fraction of tokens that picked expert e among their top-k and mean_p[e] its mean router probability.
 
@@ -120,7 +122,14 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mask: tor
     n_exp = g.shape[-1]
     p = F.softmax(g, dim=-1)
     sel = torch.topk(p, top_k, dim=-1).indices  # [L*T, k]
-    w = torch.ones(g.shape[0], device=g.device) if mask is None else mask.reshape(-1).float().repeat(len(router_logits))
-    f = torch.zeros(n_exp, device=g.device).scatter_add_(0, sel.flatten(), w.repeat_interleave(top_k)) / w.sum()
+    w = (
+        torch.ones(g.shape[0], device=g.device)
+        if mask is None
+        else mask.reshape(-1).float().repeat(len(router_logits))
+    )
+    f = (
+        torch.zeros(n_exp, device=g.device).scatter_add_(0, sel.flatten(), w.repeat_interleave(top_k))
+        / w.sum()
+    )
     p_mean = (p * w[:, None]).sum(0) / w.sum()
     return n_exp * (f * p_mean).sum()

@@ -36,8 +36,10 @@ def task_vectors(model: nn.Module, base: dict[str, torch.Tensor], reference: dic
             continue
         for what, sd in (("base", base), ("reference", reference)):
             if name not in sd:
-                raise KeyError(f"task_vectors: the {what} state dict has no {name!r}; pass the state dicts "
-                               "of the pre-trained (base) and SFT (reference) models of this architecture")
+                raise KeyError(
+                    f"task_vectors: the {what} state dict has no {name!r}; pass the state dicts "
+                    "of the pre-trained (base) and SFT (reference) models of this architecture"
+                )
         ref, bas = (sd[name].detach().to(p.device, torch.float32) for sd in (reference, base))
         out[p] = (ref - bas).to(p.dtype)  # the difference in fp32, so bf16 weights lose no small deltas
     return out
@@ -77,10 +79,21 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
     reserve_p: the fraction kept by each mask (1: none dropped); alpha: the weight of the task vector.
     """
 
-    def __init__(self, params, tau: dict, method: str = "ondare", lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 reserve_p: float = 1.0, alpha: float = 0.0, rescale: bool = False, clip_val: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        params,
+        tau: dict,
+        method: str = "ondare",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        reserve_p: float = 1.0,
+        alpha: float = 0.0,
+        rescale: bool = False,
+        clip_val: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"OnlineMergingOptimizer: method {method!r} is not one of {METHODS}")
         if not 0 < reserve_p <= 1:
@@ -95,9 +108,11 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p not in tau:
-                        raise KeyError("OnlineMergingOptimizer: a parameter of shape "
-                                       f"{tuple(p.shape)} has no task vector in `tau`; build tau with "
-                                       "task_vectors(model, base, reference) over the same model")
+                        raise KeyError(
+                            "OnlineMergingOptimizer: a parameter of shape "
+                            f"{tuple(p.shape)} has no task vector in `tau`; build tau with "
+                            "task_vectors(model, base, reference) over the same model"
+                        )
                     self.state[p]["tau"] = self._mask_tau(tau[p].detach().to(p.device, p.dtype))
 
     def _mask_tau(self, t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from qwen2.train.losses import IGNORE_INDEX, chunk_rows_for, linear_cross_entropy, load_balancing_loss
 
 
-def token_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+def token_losses(
+    model, input_ids: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
     """Per-token next-token losses [B, T] fp32 (0 where ignored), chunked over rows like the loss above."""
     h = model.hidden_states(input_ids)
     b, t, hd = h.shape
@@ -25,7 +27,9 @@ def token_losses(model, input_ids: torch.Tensor, targets: torch.Tensor, chunk_ro
     out = torch.empty(h2.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, h2.shape[0], rows):
         logits = (h2[s : s + rows] @ w.T).float()
-        out[s : s + rows] = F.cross_entropy(logits, tg[s : s + rows], ignore_index=IGNORE_INDEX, reduction="none")
+        out[s : s + rows] = F.cross_entropy(
+            logits, tg[s : s + rows], ignore_index=IGNORE_INDEX, reduction="none"
+        )
     return out.view(b, t)
 
 
@@ -45,11 +49,14 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.is_tensor(batch) and batch.dim() == 2:
         batch = batch.long()
         return batch[:, :-1], batch[:, 1:]
-    raise TypeError(f"a batch must be a [B, T+1] tensor, an (inputs, targets) pair or a dict, got {type(batch).__name__}")
+    raise TypeError(
+        f"a batch must be a [B, T+1] tensor, an (inputs, targets) pair or a dict, got {type(batch).__name__}"
+    )
 
 
 def next_token_loss(model, batch, chunk_rows: int | None = None):
-    """Pre-training objective: fp32 next-token cross-entropy (+ the MoE aux loss when the model has experts)."""
+    """Pre-training objective: fp32 next-token cross-entropy (+ the MoE aux loss when the model has
+    experts)."""
     input_ids, targets = split_batch(batch)
     router_logits = [] if model.config.is_moe else None
     h = model.hidden_states(input_ids, router_logits=router_logits)

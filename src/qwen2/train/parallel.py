@@ -55,8 +55,14 @@ def checkpoint_layers(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def parallelize(module: ObjectiveModule, *, parallel: str, activation_checkpointing: bool, world: int,
-                device: torch.device) -> nn.Module:
+def parallelize(
+    module: ObjectiveModule,
+    *,
+    parallel: str,
+    activation_checkpointing: bool,
+    world: int,
+    device: torch.device,
+) -> nn.Module:
     """The module the loop calls: `module` itself on one process, else DDP or FSDP2 around it."""
     if activation_checkpointing:
         checkpoint_layers(module.net)
@@ -112,8 +118,13 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, mod
     """The inverse of full_state_dict: each rank keeps its shard of the full tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def model_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -65,8 +65,13 @@ def _chunk_logps(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tor
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
-                chunk_rows: int | None = None) -> torch.Tensor:
+def label_logps(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """[B] fp32: each row's sum of log p(labels[:, i] | input_ids[:, :i+1]) where labels != IGNORE_INDEX."""
     h = body(model, input_ids, positions)
     keep = labels != IGNORE_INDEX
@@ -84,8 +89,9 @@ def label_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, positions:
     return out.index_add(0, rows[0], per_token)
 
 
-def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor,
-                   chunk_rows: int | None = None) -> torch.Tensor:
+def sequence_logps(
+    model, ids: torch.Tensor, mask: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
     """ids [B, T], mask [B, T] (1 on the completion's tokens) -> [B]: sum of log p(ids[t] | ids[:t])
     over the masked t (the first token has no prediction and never counts)."""
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
@@ -100,10 +106,16 @@ class DPOOutput(NamedTuple):
     accuracy: torch.Tensor  # scalar: fraction with chosen reward > rejected reward
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             chosen_tokens: torch.Tensor | None = None,
-             rejected_tokens: torch.Tensor | None = None) -> DPOOutput:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> DPOOutput:
     """DPO on sequence log-probs [B] (TRL DPOTrainer, reverse KL).
 
     sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), mean over pairs.
@@ -115,8 +127,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         per_pair = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
     elif loss_type == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("dpo_loss: loss_type 'ipo' needs chosen_tokens and rejected_tokens "
-                             "(the completions' token counts)")
+            raise ValueError(
+                "dpo_loss: loss_type 'ipo' needs chosen_tokens and rejected_tokens "
+                "(the completions' token counts)"
+            )
         delta = chosen_lr / chosen_tokens.clamp(min=1) - rejected_lr / rejected_tokens.clamp(min=1)
         per_pair = (delta - 1 / (2 * beta)) ** 2
     else:
@@ -134,6 +148,7 @@ def dpo_objective(reference=None, beta: float = 0.1, loss_type: str = "sigmoid")
     `reference` (the frozen SFT model) scores the batch under no_grad.
     One sequence a row (conversations.preference_batch pads): log-probs are summed per row.
     """
+
     def objective(model, batch):
         ids, labels, pos = batch["input_ids"], batch["labels"], batch.get("position_ids")
         logps = label_logps(model, ids, labels, pos)
@@ -148,17 +163,26 @@ def dpo_objective(reference=None, beta: float = 0.1, loss_type: str = "sigmoid")
         rc, rr = ref.chunk(2)
         tc, tr = tokens.chunk(2)
         out = dpo_loss(pc, pr, rc, rr, beta, loss_type, tc, tr)
-        metrics = {"loss": out.loss.detach(), "rewards/chosen": out.chosen_rewards.mean(),
-                   "rewards/rejected": out.rejected_rewards.mean(), "rewards/margins": out.margins.mean(),
-                   "rewards/accuracies": out.accuracy, "logps/chosen": pc.detach().mean(),
-                   "logps/rejected": pr.detach().mean()}
+        metrics = {
+            "loss": out.loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": out.margins.mean(),
+            "rewards/accuracies": out.accuracy,
+            "logps/chosen": pc.detach().mean(),
+            "logps/rejected": pr.detach().mean(),
+        }
         return out.loss, metrics
 
     return objective
 
 
-def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                center_coef: float | None = None) -> torch.Tensor:
+def reward_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float | None = None,
+) -> torch.Tensor:
     """Bradley-Terry loss -log sigmoid(r_c - r_r [- margin]) (TRL RewardTrainer), mean over pairs; optional
     `center_coef * mean((r_c + r_r)^2)` keeps the rewards centred (TRL's center_rewards_coefficient)."""
     diff = r_chosen - r_rejected
@@ -172,6 +196,7 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.
 
 def reward_objective(center_coef: float | None = None):
     """Reward-model objective: input_ids [2B, T] (chosen rows first, right-padded), optional margin [B]."""
+
     def objective(model, batch):
         r_c, r_r = model(batch["input_ids"]).chunk(2)
         loss = reward_loss(r_c, r_r, batch.get("margin"), center_coef)
@@ -179,4 +204,3 @@ def reward_objective(center_coef: float | None = None):
         return loss, {"loss": loss.detach(), "accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
 
     return objective
-

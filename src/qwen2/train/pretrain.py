@@ -87,9 +87,19 @@ def prepare_tokenizer(cfg: PretrainConfig, run_dir: Path, files: list[Path]) -> 
 
 
 # What a run writes besides its caches (tokenizer/, data/): removed by a fresh start (--no-resume).
-RUN_OUTPUTS = ("checkpoints", "model", "tensorboard", "metrics.jsonl", "summary.json",
-               "long_context_before.json", "long_context_after.json", "report.json", "report.md", "loss.png",
-               "long_context.png")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "model",
+    "tensorboard",
+    "metrics.jsonl",
+    "summary.json",
+    "long_context_before.json",
+    "long_context_after.json",
+    "report.json",
+    "report.md",
+    "loss.png",
+    "long_context.png",
+)
 
 
 def clear_run(run_dir: Path) -> None:
@@ -117,8 +127,10 @@ def long_mixture(cfg: PretrainConfig, train):
 
     long_docs = train.select(min_tokens=cfg.long_min_doc_tokens)
     if len(long_docs) == 0:
-        raise ValueError(f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the "
-                         f"long-context stage; lower long_min_doc_tokens or add longer documents")
+        raise ValueError(
+            f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the "
+            f"long-context stage; lower long_min_doc_tokens or add longer documents"
+        )
     return Mixture({"long": long_docs, "all": train}, {"long": cfg.long_mix, "all": 1 - cfg.long_mix})
 
 
@@ -136,10 +148,14 @@ def per_position_loss(model, val, seq_len: int, rows: int = 32, bins: int = 32) 
     model.train()
     per_pos = losses.mean(0).cpu()  # [T]
     width = seq_len // bins
-    return {"seq_len": seq_len, "rope_theta": model.config.rope_theta, "bin_width": width,
-            "positions": [i * width + width // 2 for i in range(bins)],
-            "loss": [float(per_pos[i * width:(i + 1) * width].mean()) for i in range(bins)],
-            "mean": float(per_pos.mean())}
+    return {
+        "seq_len": seq_len,
+        "rope_theta": model.config.rope_theta,
+        "bin_width": width,
+        "positions": [i * width + width // 2 for i in range(bins)],
+        "loss": [float(per_pos[i * width : (i + 1) * width].mean()) for i in range(bins)],
+        "mean": float(per_pos.mean()),
+    }
 
 
 class _Budget:
@@ -206,14 +222,24 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     t_data = time.perf_counter() - t0
 
     mcfg = model_config(cfg.model, len(tok)).replace(
-        rope_theta=cfg.rope_theta, bos_token_id=tok.endoftext_id, eos_token_id=tok.endoftext_id,
-        max_position_embeddings=max(cfg.long_seq_len, 4096))
+        rope_theta=cfg.rope_theta,
+        bos_token_id=tok.endoftext_id,
+        eos_token_id=tok.endoftext_id,
+        max_position_embeddings=max(cfg.long_seq_len, 4096),
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, device=device, seed=cfg.seed)
     trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
     loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
-    long_loader = PackedLoader(long_mixture(cfg, train), cfg.long_seq_len, cfg.long_batch_size, rank,
-                               world, seed=cfg.seed, spread=cfg.spread)
+    long_loader = PackedLoader(
+        long_mixture(cfg, train),
+        cfg.long_seq_len,
+        cfg.long_batch_size,
+        rank,
+        world,
+        seed=cfg.seed,
+        spread=cfg.spread,
+    )
 
     def begin_long_stage():
         """RoPE base 10^4 -> 10^6 on the plain Qwen2 (trainer.model: under DDP / FSDP2 the wrappers
@@ -227,8 +253,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     finished = stage == "long" and info["step"] >= plan.get("long", float("inf"))
     if finished and (run_dir / "summary.json").is_file():
         if rank == 0:
-            print(f"{run_dir} holds a finished run (step {info['step']}): writing its report again; "
-                  f"pass --no-resume (or another --out) to train from scratch")
+            print(
+                f"{run_dir} holds a finished run (step {info['step']}): writing its report again; "
+                f"pass --no-resume (or another --out) to train from scratch"
+            )
         trainer.close()
         if rank:
             return {}
@@ -247,6 +275,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
         def batches():
             held_out = PackedLoader(data, seq_len, bs, rank, world, seed=0, shuffle=False)
             return [next(held_out) for _ in range(cfg.eval_batches)]
+
         return batches
 
     def stage_end(key: str, share: float, calib: int, fixed_end: int):
@@ -262,24 +291,43 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     # ---- stage 1 ----
     if stage == "pretrain":
         end, budget = stage_end("pretrain", 1 - cfg.long_fraction, min(3, cfg.warmup_steps), cfg.steps)
-        trainer.fit(next_token_loss, loader, end_step=end, on_step=budget,
-                    eval_batches=eval_batches(val, cfg.seq_len, cfg.batch_size), desc="pretrain")
+        trainer.fit(
+            next_token_loss,
+            loader,
+            end_step=end,
+            on_step=budget,
+            eval_batches=eval_batches(val, cfg.seq_len, cfg.batch_size),
+            desc="pretrain",
+        )
         plain = trainer.full_model()
         if rank == 0:
             _write_json(run_dir / "long_context_before.json", per_position_loss(plain, val, cfg.long_seq_len))
         begin_long_stage()
     end, budget = stage_end("long", 1.0, min(2, cfg.long_warmup_steps), trainer.stage_start + cfg.long_steps)
-    last = trainer.fit(next_token_loss, long_loader, end_step=end, on_step=budget, desc="long-context",
-                       eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size))
+    last = trainer.fit(
+        next_token_loss,
+        long_loader,
+        end_step=end,
+        on_step=budget,
+        desc="long-context",
+        eval_batches=eval_batches(val, cfg.long_seq_len, cfg.long_batch_size),
+    )
     summary = {}
     plain = trainer.full_model()
     if rank == 0:
         _write_json(run_dir / "long_context_after.json", per_position_loss(plain, val, cfg.long_seq_len))
         export(plain, tok_dir, run_dir / "model")
         train_seconds = round(time.perf_counter() - t0 - t_data, 1)
-        summary = {"steps": trainer.step, "plan": plan, "tokens": trainer.tokens, "final": last,
-                   "data_seconds": round(t_data, 1), "train_seconds": train_seconds,
-                   "model": str(run_dir / "model"), "config": cfg.__dict__}
+        summary = {
+            "steps": trainer.step,
+            "plan": plan,
+            "tokens": trainer.tokens,
+            "final": last,
+            "data_seconds": round(t_data, 1),
+            "train_seconds": train_seconds,
+            "model": str(run_dir / "model"),
+            "config": cfg.__dict__,
+        }
         _write_json(run_dir / "summary.json", summary)
     trainer.close()
     _barrier()
@@ -302,8 +350,9 @@ def export(model, tok_dir: Path, out: Path) -> Path:
     copy_side_files(tok_dir, out)
     if not (out / "generation_config.json").is_file():
         eot = load_tokenizer(tok_dir).endoftext_id
-        _write_json(out / "generation_config.json",
-                    {**GENERATION_DEFAULTS, "bos_token_id": eot, "eos_token_id": eot})
+        _write_json(
+            out / "generation_config.json", {**GENERATION_DEFAULTS, "bos_token_id": eot, "eos_token_id": eot}
+        )
     return out
 
 

@@ -84,8 +84,9 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"PretrainConfig.train_config: stage must be pretrain or long, got {stage!r}")
         cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
         if stage == "long":
-            cfg = dataclasses.replace(cfg, batch_size=self.long_batch_size, lr=self.long_lr,
-                                      warmup_steps=self.long_warmup_steps)
+            cfg = dataclasses.replace(
+                cfg, batch_size=self.long_batch_size, lr=self.long_lr, warmup_steps=self.long_warmup_steps
+            )
         return cfg
 
     def validate(self, source: str = "PretrainConfig"):
@@ -102,10 +103,20 @@ def speedrun_model(vocab_size: int) -> ModelConfig:
     """~2.6M parameters (1.0M in the embedding at an 8k vocabulary): hidden 128, 6 layers, 4 query
     heads sharing 2 KV heads (head_dim 32), SwiGLU 384, q/k/v bias, tied embeddings. On 2 CPU cores
     a wider model sees too few tokens in 20 minutes to beat this one (measured: bench/train.py notes)."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                       max_position_embeddings=4096, rope_theta=10_000.0, torch_dtype="float32",
-                       bos_token_id=None, eos_token_id=None)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=10_000.0,
+        torch_dtype="float32",
+        bos_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def test_model(vocab_size: int) -> ModelConfig:
@@ -124,8 +135,10 @@ def model_config(name: str, vocab_size: int) -> ModelConfig:
         return ModelConfig.preset(name)
     if Path(name).exists():
         return ModelConfig.from_json(name)
-    raise ValueError(f"model {name!r}: not one of {', '.join(MODEL_SHAPES)}, a preset ({', '.join(PRESETS)}) "
-                     f"or a path to config.json")
+    raise ValueError(
+        f"model {name!r}: not one of {', '.join(MODEL_SHAPES)}, a preset ({', '.join(PRESETS)}) "
+        f"or a path to config.json"
+    )
 
 
 # ---- recipes ---------------------------------------------------------------------------------------
@@ -138,14 +151,26 @@ def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | No
     """The laptop speedrun: tokenizer, pre-training and the long-context stage within `minutes`."""
     small = minutes < 8  # short budgets (CI) still pass through every stage, on a smaller model
     return PretrainConfig(
-        out=out, corpus=corpus, minutes=minutes, model="test" if small else "speedrun",
-        tokenizer_vocab=4096 if small else 8192, tokenizer_max_mb=1.0 if small else 12.0,
-        max_corpus_mb=2.0 if small else 0.0, seq_len=128 if small else 256,
-        batch_size=8 if small else 16, lr=3e-3, warmup_steps=5 if small else 30,
-        eval_every=0 if small else 100, ckpt_every=0 if small else 200,
-        long_seq_len=512 if small else 1024, long_batch_size=2 if small else 4,
-        long_warmup_steps=2 if small else 10, long_min_doc_tokens=256 if small else 512,
-        samples=2 if small else 4, sample_tokens=40 if small else 80)
+        out=out,
+        corpus=corpus,
+        minutes=minutes,
+        model="test" if small else "speedrun",
+        tokenizer_vocab=4096 if small else 8192,
+        tokenizer_max_mb=1.0 if small else 12.0,
+        max_corpus_mb=2.0 if small else 0.0,
+        seq_len=128 if small else 256,
+        batch_size=8 if small else 16,
+        lr=3e-3,
+        warmup_steps=5 if small else 30,
+        eval_every=0 if small else 100,
+        ckpt_every=0 if small else 200,
+        long_seq_len=512 if small else 1024,
+        long_batch_size=2 if small else 4,
+        long_warmup_steps=2 if small else 10,
+        long_min_doc_tokens=256 if small else 512,
+        samples=2 if small else 4,
+        sample_tokens=40 if small else 80,
+    )
 
 
 RECIPES = {"pretrain": pretrain, "speedrun": speedrun}
@@ -175,8 +200,9 @@ def override(cfg, changes: dict, source: str = "overrides"):
         if key not in valid:
             near = difflib.get_close_matches(str(key), sorted(valid), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"{type(cfg).__name__} has no such field"
-            raise ValueError(f"{source}: unknown field {key!r} ({hint}); "
-                             f"valid fields: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"{source}: unknown field {key!r} ({hint}); valid fields: {', '.join(sorted(valid))}"
+            )
         clean[key] = _coerce(getattr(cfg, key), value, key, source)
     cfg = dataclasses.replace(cfg, **clean)
     cfg.validate(source)

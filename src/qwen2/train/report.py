@@ -88,13 +88,19 @@ def plot_losses(metrics: list[dict], png: str | Path, title: str = "pre-training
         color = f"C{i}"
         ax.plot(steps, losses, color=color, alpha=0.25, lw=0.8)
         k = max(1, len(losses) // 50)
-        windows = [losses[max(0, j - k):j + 1] for j in range(len(losses))]  # trailing mean of k+1 steps
+        windows = [losses[max(0, j - k) : j + 1] for j in range(len(losses))]  # trailing mean of k+1 steps
         smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, smooth, color=color, lw=1.8, label=f"{stage} (train)")
         ev = [r for r in metrics if r.get("stage", "train") == stage and "eval_loss" in r]
         if ev:
-            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o", color=color, ms=4,
-                    label=f"{stage} (held-out)")
+            ax.plot(
+                [r["step"] for r in ev],
+                [r["eval_loss"] for r in ev],
+                "o",
+                color=color,
+                ms=4,
+                label=f"{stage} (held-out)",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_title(title)
@@ -114,16 +120,33 @@ def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6), dpi=100, sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, dx) = plt.subplots(
+        2, 1, figsize=(8, 6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     pos = before["positions"]
-    ax.plot(pos, before["loss"], "o-", ms=3, color="C0",
-            label=f"after stage 1 (RoPE base {before['rope_theta']:,.0f})")
-    ax.plot(after["positions"], after["loss"], "o-", ms=3, color="C1",
-            label=f"after the long-context stage (RoPE base {after['rope_theta']:,.0f})")
+    ax.plot(
+        pos,
+        before["loss"],
+        "o-",
+        ms=3,
+        color="C0",
+        label=f"after stage 1 (RoPE base {before['rope_theta']:,.0f})",
+    )
+    ax.plot(
+        after["positions"],
+        after["loss"],
+        "o-",
+        ms=3,
+        color="C1",
+        label=f"after the long-context stage (RoPE base {after['rope_theta']:,.0f})",
+    )
     diff = [a - b for a, b in zip(after["loss"], before["loss"], strict=True)]
-    dx.bar(pos, diff, width=0.8 * (pos[1] - pos[0] if len(pos) > 1 else 1),
-           color=["C2" if d < 0 else "C3" for d in diff])
+    dx.bar(
+        pos,
+        diff,
+        width=0.8 * (pos[1] - pos[0] if len(pos) > 1 else 1),
+        color=["C2" if d < 0 else "C3" for d in diff],
+    )
     dx.axhline(0, color="black", lw=0.8)
     for axis in (ax, dx):
         if train_len:
@@ -131,8 +154,9 @@ def plot_long_context(before: dict, after: dict, png: str | Path, train_len: int
             axis.axvline(train_len, color="gray", ls="--", lw=1)
         axis.grid(alpha=0.3)
     ax.set_ylabel("held-out loss (nats)")
-    ax.set_title(f"Per-position loss at {after['seq_len']} tokens, before and after the long-context stage",
-                 pad=28)
+    ax.set_title(
+        f"Per-position loss at {after['seq_len']} tokens, before and after the long-context stage", pad=28
+    )
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8.5, frameon=False)
     dx.set_ylabel("after - before\n(green: lower loss)")
     shaded = f"; shaded: beyond stage 1's length, {train_len}" if train_len else ""
@@ -152,10 +176,16 @@ def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra:
     data = {**summary, **(extra or {}), "samples": samples}
     atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
     lines = ["# Pre-training report", ""]
-    for key, label in (("wall_seconds", "wall time (s)"), ("final_loss", "final training loss"),
-                       ("final_eval_loss", "final held-out loss"), ("tokens", "tokens trained"),
-                       ("tokens_per_s", "training tokens/s"), ("mfu", "MFU"), ("params", "parameters"),
-                       ("model", "model")):
+    for key, label in (
+        ("wall_seconds", "wall time (s)"),
+        ("final_loss", "final training loss"),
+        ("final_eval_loss", "final held-out loss"),
+        ("tokens", "tokens trained"),
+        ("tokens_per_s", "training tokens/s"),
+        ("mfu", "MFU"),
+        ("params", "parameters"),
+        ("model", "model"),
+    ):
         if key in data:
             value = data[key]
             if key == "mfu":
@@ -168,10 +198,13 @@ def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra:
             lines += ["", f"![{key}]({Path(data[key]).name})"]
     if "long_context" in data:
         lc = data["long_context"]
-        lines += ["", f"Held-out loss at {lc['seq_len']} tokens: {lc['before']:.3f} after stage 1, "
-                      f"{lc['after']:.3f} after the long-context stage "
-                      f"(positions beyond {lc['train_len']}: "
-                      f"{lc['before_tail']:.3f} -> {lc['after_tail']:.3f})."]
+        lines += [
+            "",
+            f"Held-out loss at {lc['seq_len']} tokens: {lc['before']:.3f} after stage 1, "
+            f"{lc['after']:.3f} after the long-context stage "
+            f"(positions beyond {lc['train_len']}: "
+            f"{lc['before_tail']:.3f} -> {lc['after_tail']:.3f}).",
+        ]
     if samples:
         lines += ["", "## Samples", ""]
         for s in samples:

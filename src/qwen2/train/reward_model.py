@@ -26,8 +26,13 @@ ARCHITECTURE = "Qwen2ForSequenceClassification"
 
 def reward_config(config: ModelConfig, pad_token_id: int) -> ModelConfig:
     """`config` with the sequence-classification keys transformers writes for num_labels=1."""
-    extra = {**config.extra, "architectures": [ARCHITECTURE], "id2label": {"0": "LABEL_0"},
-             "label2id": {"LABEL_0": 0}, "pad_token_id": int(pad_token_id)}
+    extra = {
+        **config.extra,
+        "architectures": [ARCHITECTURE],
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": int(pad_token_id),
+    }
     return config.replace(extra=extra)
 
 
@@ -40,16 +45,19 @@ class RewardModel(Qwen2):
     def __init__(self, config: ModelConfig, pad_token_id: int | None = None):
         pad = config.extra.get("pad_token_id") if pad_token_id is None else pad_token_id
         if pad is None:
-            raise ValueError("RewardModel: pad_token_id is required (config.json 'pad_token_id', or the "
-                             "argument); use the tokenizer's pad id, e.g. <|endoftext|> 151643")
+            raise ValueError(
+                "RewardModel: pad_token_id is required (config.json 'pad_token_id', or the "
+                "argument); use the tokenizer's pad id, e.g. <|endoftext|> 151643"
+            )
         super().__init__(reward_config(config, pad))
         self.pad_token_id = int(pad)
         self.lm_head = None
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
 
     @classmethod
-    def from_causal_lm(cls, lm: Qwen2, pad_token_id: int,
-                       generator: torch.Generator | None = None) -> RewardModel:
+    def from_causal_lm(
+        cls, lm: Qwen2, pad_token_id: int, generator: torch.Generator | None = None
+    ) -> RewardModel:
         """A reward model whose body is `lm`'s (copied) and whose head is freshly initialised."""
         p = next(lm.parameters())
         with torch.device("meta"):
@@ -76,8 +84,9 @@ def save_reward_model(model: RewardModel, path: str | os.PathLike, max_shard_siz
     return save_model(model, path, max_shard_size)
 
 
-def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                      device: str | torch.device = "cpu") -> RewardModel:
+def load_reward_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> RewardModel:
     """Load a Qwen2ForSequenceClassification (num_labels=1) checkpoint written by us or by transformers."""
     from safetensors import safe_open
 
@@ -86,13 +95,16 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     cfg_file = directory / "config.json"
     arch = config.extra.get("architectures") or []
     if ARCHITECTURE not in arch:
-        raise CheckpointError(f"{cfg_file}: architectures is {arch}, not [{ARCHITECTURE!r}]; "
-                              "a causal LM loads with qwen2.load_model, or becomes a reward model "
-                              "with RewardModel.from_causal_lm")
+        raise CheckpointError(
+            f"{cfg_file}: architectures is {arch}, not [{ARCHITECTURE!r}]; "
+            "a causal LM loads with qwen2.load_model, or becomes a reward model "
+            "with RewardModel.from_causal_lm"
+        )
     labels = config.extra.get("id2label", {"0": "LABEL_0"})
     if len(labels) != 1:
-        raise CheckpointError(f"{cfg_file}: id2label has {len(labels)} labels; "
-                              "a reward model has num_labels=1")
+        raise CheckpointError(
+            f"{cfg_file}: id2label has {len(labels)} labels; a reward model has num_labels=1"
+        )
     if (directory / INDEX).is_file():
         files = sorted({directory / f for f in read_json_object(directory / INDEX)["weight_map"].values()})
     elif (directory / SINGLE).is_file():

@@ -18,12 +18,18 @@ from qwen2.extras import require
 from qwen2.train.recipes import PretrainConfig
 from qwen2.train.recipes import speedrun as speedrun_recipe
 
-PROMPTS = ["import os\nimport sys\n\n\ndef ", "class Stack:\n    \"\"\"", "# Return the number of ",
-           "def parse_args(argv):\n    ", "The following example shows how to "]
+PROMPTS = [
+    "import os\nimport sys\n\n\ndef ",
+    'class Stack:\n    """',
+    "# Return the number of ",
+    "def parse_args(argv):\n    ",
+    "The following example shows how to ",
+]
 
 
-def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | None = None,
-             resume: bool = True) -> dict:
+def speedrun(
+    minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | None = None, resume: bool = True
+) -> dict:
     """Run the speedrun; returns the report (also OUT/report.json)."""
     return pretrain_and_report(speedrun_recipe(minutes, out, corpus), resume=resume)
 
@@ -70,8 +76,12 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     steps = [r for r in metrics if "step_time_s" in r]
     seconds = sum(r["step_time_s"] for r in steps)
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
-    flops = sum(r["tokens_per_s"] * r["step_time_s"]
-                * rep.flops_per_token(model.config, seq.get(r["stage"], cfg.seq_len)) for r in steps)
+    flops = sum(
+        r["tokens_per_s"]
+        * r["step_time_s"]
+        * rep.flops_per_token(model.config, seq.get(r["stage"], cfg.seq_len))
+        for r in steps
+    )
     # A finished run's report written again keeps the run's own wall time and measured peak.
     again = summary.get("finished_before") and (run / "report.json").is_file()
     earlier = json.loads((run / "report.json").read_text()) if again else {}
@@ -80,16 +90,28 @@ def make_report(cfg: PretrainConfig, summary: dict, started: float) -> dict:
     train_losses = [r["loss"] for r in steps]
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
     report = {
-        "wall_seconds": None, "minutes_budget": cfg.minutes, "model": str(run / "model"),
-        "params": params, "tokens": int(tokens), "tokens_per_s": tokens / max(seconds, 1e-9),
-        "mfu": flops / max(seconds, 1e-9) / peak, "peak_flops": peak,
+        "wall_seconds": None,
+        "minutes_budget": cfg.minutes,
+        "model": str(run / "model"),
+        "params": params,
+        "tokens": int(tokens),
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "mfu": flops / max(seconds, 1e-9) / peak,
+        "peak_flops": peak,
         "final_loss": sum(train_losses[-10:]) / max(1, len(train_losses[-10:])) if train_losses else None,
         "final_eval_loss": evals[-1] if evals else None,
-        "loss_png": str(loss_png), "long_context_png": str(lc_png),
-        "long_context": {"seq_len": cfg.long_seq_len, "train_len": cfg.seq_len,
-                         "before": before["mean"], "after": after["mean"],
-                         "before_tail": tail_mean(before), "after_tail": tail_mean(after)},
-        "steps": summary.get("plan"), "data_seconds": summary.get("data_seconds"),
+        "loss_png": str(loss_png),
+        "long_context_png": str(lc_png),
+        "long_context": {
+            "seq_len": cfg.long_seq_len,
+            "train_len": cfg.seq_len,
+            "before": before["mean"],
+            "after": after["mean"],
+            "before_tail": tail_mean(before),
+            "after_tail": tail_mean(after),
+        },
+        "steps": summary.get("plan"),
+        "data_seconds": summary.get("data_seconds"),
     }
     samples = generate_samples(model, tok, cfg.samples, cfg.sample_tokens)
     report["wall_seconds"] = earlier.get("wall_seconds") or round(time.perf_counter() - started, 1)
@@ -106,9 +128,17 @@ def generate_samples(model, tok, n: int, max_new_tokens: int) -> list[dict]:
     out = []
     for prompt in PROMPTS[:n]:
         ids = tok.encode(prompt)
-        new = list(generate(model, ids, max_new_tokens=max_new_tokens, seed=0,
-                            stop_token_ids=[tok.endoftext_id], temperature=GENERATION_DEFAULTS["temperature"],
-                            top_k=GENERATION_DEFAULTS["top_k"]))
+        new = list(
+            generate(
+                model,
+                ids,
+                max_new_tokens=max_new_tokens,
+                seed=0,
+                stop_token_ids=[tok.endoftext_id],
+                temperature=GENERATION_DEFAULTS["temperature"],
+                top_k=GENERATION_DEFAULTS["top_k"],
+            )
+        )
         new = [t for t in new if t != tok.endoftext_id]
         out.append({"prompt": prompt, "completion": tok.decode(new)})
     return out

@@ -44,8 +44,12 @@ def _flatten(obj, tensors: dict, key: str):
         tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
         return {"__ndarray__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, tensors, f"{key}/k{i}"), _flatten(v, tensors, f"{key}/{i}")]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, tensors, f"{key}/k{i}"), _flatten(v, tensors, f"{key}/{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
         items = [_flatten(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
@@ -113,9 +117,12 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -201,11 +208,19 @@ def load_checkpoint(trainer, loader, ckpt: str | os.PathLike) -> dict:
     ckpt = Path(ckpt)
     info = read_trainer_info(ckpt)
     if info["world_size"] != trainer.world:  # checked before any file is read: the trainer stays as it is
-        raise ValueError(f"{ckpt}: saved with world_size {info['world_size']}, resumed with {trainer.world}; "
-                         f"resume with the same number of processes (the loader position is per rank)")
+        raise ValueError(
+            f"{ckpt}: saved with world_size {info['world_size']}, resumed with {trainer.world}; "
+            f"resume with the same number of processes (the loader position is per rank)"
+        )
     mine = _read_state(ckpt, "ranks")[trainer.rank]
-    trainer.load_state_dict({**info, "model": load_model_state(ckpt / "model"),
-                             "optimizer": _read_state(ckpt, "optimizer"), "rng": mine["rng"]})
+    trainer.load_state_dict(
+        {
+            **info,
+            "model": load_model_state(ckpt / "model"),
+            "optimizer": _read_state(ckpt, "optimizer"),
+            "rng": mine["rng"],
+        }
+    )
     loader.load_state_dict(mine["loader"])
     if trainer.is_main:
         _truncate_metrics(trainer.run_dir / "metrics.jsonl", trainer.step)

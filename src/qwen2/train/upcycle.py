@@ -72,8 +72,10 @@ class Recipe:
 
     def resolve(self, dense: ModelConfig, source: str = "upcycle") -> Recipe:
         if dense.is_moe or dense.model_type != "qwen2":
-            raise ValueError(f"{source}: model_type {dense.model_type!r} ({dense.num_experts} experts) is "
-                             f"not a dense Qwen2 model; upcycle a dense checkpoint (model_type 'qwen2')")
+            raise ValueError(
+                f"{source}: model_type {dense.model_type!r} ({dense.num_experts} experts) is "
+                f"not a dense Qwen2 model; upcycle a dense checkpoint (model_type 'qwen2')"
+            )
         if dense.quantization:
             raise ValueError(f"{source}: config.json has 'quantization'; upcycle the float checkpoint")
         for name in ("num_experts", "top_k", "expert_size"):
@@ -88,8 +90,11 @@ class Recipe:
         if self.reinit_mode not in REINIT_MODES:
             raise ValueError(f"{source}: reinit_mode must be one of {REINIT_MODES}, got {self.reinit_mode!r}")
         std = dense.initializer_range
-        out = dataclasses.replace(self, reinit_std=std if self.reinit_std is None else float(self.reinit_std),
-                                  router_std=std if self.router_std is None else float(self.router_std))
+        out = dataclasses.replace(
+            self,
+            reinit_std=std if self.reinit_std is None else float(self.reinit_std),
+            router_std=std if self.router_std is None else float(self.router_std),
+        )
         if out.reinit_std < 0 or out.router_std < 0:
             raise ValueError(f"{source}: reinit_std and router_std must be >= 0")
         return out
@@ -107,44 +112,81 @@ def preset_recipe(name: str, **overrides) -> dict:
     key = name.removeprefix("Qwen/")
     moe = ModelConfig.preset(key)
     if not moe.is_moe:
-        raise ValueError(f"preset {name!r} is dense; choose a MoE preset: "
-                         f"{', '.join(k for k, v in PRESETS.items() if v.get('num_experts'))}")
-    opts = dict(num_experts=moe.num_experts, top_k=moe.num_experts_per_tok,
-                expert_size=moe.moe_intermediate_size,
-                shared_expert_size=moe.shared_expert_intermediate_size, norm_topk_prob=moe.norm_topk_prob,
-                router_aux_loss_coef=moe.router_aux_loss_coef)
+        raise ValueError(
+            f"preset {name!r} is dense; choose a MoE preset: "
+            f"{', '.join(k for k, v in PRESETS.items() if v.get('num_experts'))}"
+        )
+    opts = dict(
+        num_experts=moe.num_experts,
+        top_k=moe.num_experts_per_tok,
+        expert_size=moe.moe_intermediate_size,
+        shared_expert_size=moe.shared_expert_intermediate_size,
+        norm_topk_prob=moe.norm_topk_prob,
+        router_aux_loss_coef=moe.router_aux_loss_coef,
+    )
     return {**opts, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def moe_config(dense: ModelConfig, recipe: Recipe, parent: str | None = None) -> ModelConfig:
     """The Qwen2-MoE config: the dense fields, every layer sparse, the recipe under extra['upcycling']."""
     h = dense.intermediate_size
-    record = {"paper": "Qwen2 technical report 2.2.3", "parent": parent, "copies": recipe.copies(h),
-              "shared_copies": recipe.shared_copies(h), "dropped_per_layer": recipe.copies(h) * h
-              - recipe.num_experts * recipe.expert_size, "shared_expert_gate_init": "zeros",
-              **{k: v for k, v in dataclasses.asdict(recipe).items()
-                 if k not in ("num_experts", "top_k", "expert_size", "shared_expert_size", "norm_topk_prob",
-                              "router_aux_loss_coef")}}
+    record = {
+        "paper": "Qwen2 technical report 2.2.3",
+        "parent": parent,
+        "copies": recipe.copies(h),
+        "shared_copies": recipe.shared_copies(h),
+        "dropped_per_layer": recipe.copies(h) * h - recipe.num_experts * recipe.expert_size,
+        "shared_expert_gate_init": "zeros",
+        **{
+            k: v
+            for k, v in dataclasses.asdict(recipe).items()
+            if k
+            not in (
+                "num_experts",
+                "top_k",
+                "expert_size",
+                "shared_expert_size",
+                "norm_topk_prob",
+                "router_aux_loss_coef",
+            )
+        },
+    }
     extra = {k: v for k, v in dense.extra.items() if k not in ("architectures", "upcycling")}
-    return dense.replace(model_type="qwen2_moe", num_experts=recipe.num_experts,
-                         num_experts_per_tok=recipe.top_k,
-                         moe_intermediate_size=recipe.expert_size,
-                         shared_expert_intermediate_size=recipe.shared_expert_size,
-                         norm_topk_prob=recipe.norm_topk_prob,
-                         router_aux_loss_coef=recipe.router_aux_loss_coef,
-                         decoder_sparse_step=1, mlp_only_layers=[], extra={**extra, "upcycling": record})
+    return dense.replace(
+        model_type="qwen2_moe",
+        num_experts=recipe.num_experts,
+        num_experts_per_tok=recipe.top_k,
+        moe_intermediate_size=recipe.expert_size,
+        shared_expert_intermediate_size=recipe.shared_expert_size,
+        norm_topk_prob=recipe.norm_topk_prob,
+        router_aux_loss_coef=recipe.router_aux_loss_coef,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        extra={**extra, "upcycling": record},
+    )
 
 
-def make_recipe(dense: ModelConfig, *, num_experts: int, top_k: int, expert_size: int,
-                shared_experts: int = 0, shared_expert_size: int | None = None, source: str = "upcycle",
-                **options) -> Recipe:
+def make_recipe(
+    dense: ModelConfig,
+    *,
+    num_experts: int,
+    top_k: int,
+    expert_size: int,
+    shared_experts: int = 0,
+    shared_expert_size: int | None = None,
+    source: str = "upcycle",
+    **options,
+) -> Recipe:
     """The Recipe of `upcycle`'s keywords; shared_expert_size overrides shared_experts * expert_size."""
     size = shared_experts * expert_size if shared_expert_size is None else shared_expert_size
     if shared_expert_size is not None and shared_experts and size != shared_experts * expert_size:
-        raise ValueError(f"{source}: shared_expert_size {size} != shared_experts {shared_experts} x "
-                         f"expert_size {expert_size}; give one of the two")
-    return Recipe(num_experts=num_experts, top_k=top_k, expert_size=expert_size, shared_expert_size=size,
-                  **options).resolve(dense, source)
+        raise ValueError(
+            f"{source}: shared_expert_size {size} != shared_experts {shared_experts} x "
+            f"expert_size {expert_size}; give one of the two"
+        )
+    return Recipe(
+        num_experts=num_experts, top_k=top_k, expert_size=expert_size, shared_expert_size=size, **options
+    ).resolve(dense, source)
 
 
 # ---- one layer ----------------------------------------------------------------------------------
@@ -192,8 +234,9 @@ def _reinit(tensors: dict, fraction: float, std: float, mode: str, g: torch.Gene
     return masks
 
 
-def upcycle_layer(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, recipe: Recipe,
-                  generator: torch.Generator) -> LayerUpcycle:
+def upcycle_layer(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, recipe: Recipe, generator: torch.Generator
+) -> LayerUpcycle:
     """The MoE block of one layer from its dense SwiGLU (gate/up [h_FFN, H], down [H, h_FFN])."""
     h_ffn, hidden = gate.shape
     g, dtype = generator, gate.dtype
@@ -225,29 +268,57 @@ def _dense_state(dense) -> tuple[ModelConfig, dict[str, torch.Tensor], str | Non
     return dense.config, dense.state_dict(), None
 
 
-def upcycle(dense, *, num_experts: int, top_k: int, expert_size: int, shared_experts: int = 0,
-            shared_expert_size: int | None = None, reinit: float = 0.5, reinit_mode: str = "element",
-            reinit_std: float | None = None, reinit_shared: bool = True, router_std: float | None = None,
-            norm_topk_prob: bool = False, router_aux_loss_coef: float = 0.001,
-            seed: int = 0) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def upcycle(
+    dense,
+    *,
+    num_experts: int,
+    top_k: int,
+    expert_size: int,
+    shared_experts: int = 0,
+    shared_expert_size: int | None = None,
+    reinit: float = 0.5,
+    reinit_mode: str = "element",
+    reinit_std: float | None = None,
+    reinit_shared: bool = True,
+    router_std: float | None = None,
+    norm_topk_prob: bool = False,
+    router_aux_loss_coef: float = 0.001,
+    seed: int = 0,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A dense Qwen2 (a model, or a checkpoint folder) -> (Qwen2-MoE config, its state dict in HF names).
 
     The options are the module docstring's; `Qwen2(config).load_state_dict(state, strict=True)` takes it.
     The copied tensors (attention, norms, embeddings) are the dense model's own, not copies.
     """
     dense_config, state, parent = _dense_state(dense)
-    recipe = make_recipe(dense_config, num_experts=num_experts, top_k=top_k, expert_size=expert_size,
-                         shared_experts=shared_experts, shared_expert_size=shared_expert_size, reinit=reinit,
-                         reinit_mode=reinit_mode, reinit_std=reinit_std, reinit_shared=reinit_shared,
-                         router_std=router_std, norm_topk_prob=norm_topk_prob,
-                         router_aux_loss_coef=router_aux_loss_coef, seed=seed,
-                         source=f"{parent}/config.json" if parent else "upcycle")
+    recipe = make_recipe(
+        dense_config,
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_size=expert_size,
+        shared_experts=shared_experts,
+        shared_expert_size=shared_expert_size,
+        reinit=reinit,
+        reinit_mode=reinit_mode,
+        reinit_std=reinit_std,
+        reinit_shared=reinit_shared,
+        router_std=router_std,
+        norm_topk_prob=norm_topk_prob,
+        router_aux_loss_coef=router_aux_loss_coef,
+        seed=seed,
+        source=f"{parent}/config.json" if parent else "upcycle",
+    )
     config = moe_config(dense_config, recipe, parent=Path(parent).name if parent else None)
     out = {k: v for k, v in state.items() if ".mlp." not in k}  # attention, norms, embeddings, lm_head
     for i in range(dense_config.num_hidden_layers):
         p = f"model.layers.{i}.mlp."
-        layer = upcycle_layer(state[p + "gate_proj.weight"], state[p + "up_proj.weight"],
-                              state[p + "down_proj.weight"], recipe, layer_generator(recipe.seed, i))
+        layer = upcycle_layer(
+            state[p + "gate_proj.weight"],
+            state[p + "up_proj.weight"],
+            state[p + "down_proj.weight"],
+            recipe,
+            layer_generator(recipe.seed, i),
+        )
         out.update({p + k: v for k, v in layer.tensors.items()})
     return config, out
 
@@ -257,14 +328,23 @@ def plan(dense: ModelConfig, recipe: Recipe) -> dict:
     moe = moe_config(dense, recipe)
     h, pc, pd, r = dense.intermediate_size, param_counts(moe), param_counts(dense), recipe
     neurons = r.num_experts * r.expert_size + (r.shared_expert_size if r.reinit_shared else 0)
-    return {"dense_ffn": h, "hidden": dense.hidden_size, "layers": dense.num_hidden_layers,
-            "experts": r.num_experts, "top_k": r.top_k, "expert_size": r.expert_size,
-            "shared_expert_size": r.shared_expert_size, "copies": r.copies(h),
-            "shared_copies": r.shared_copies(h),
-            "dropped_per_layer": moe.extra["upcycling"]["dropped_per_layer"], "dense_params": pd.total,
-            "moe_params": pc.total, "moe_active": pc.active,
-            "reinit_params": round(r.reinit * 3 * dense.hidden_size * neurons * dense.num_hidden_layers),
-            "config": moe}
+    return {
+        "dense_ffn": h,
+        "hidden": dense.hidden_size,
+        "layers": dense.num_hidden_layers,
+        "experts": r.num_experts,
+        "top_k": r.top_k,
+        "expert_size": r.expert_size,
+        "shared_expert_size": r.shared_expert_size,
+        "copies": r.copies(h),
+        "shared_copies": r.shared_copies(h),
+        "dropped_per_layer": moe.extra["upcycling"]["dropped_per_layer"],
+        "dense_params": pd.total,
+        "moe_params": pc.total,
+        "moe_active": pc.active,
+        "reinit_params": round(r.reinit * 3 * dense.hidden_size * neurons * dense.num_hidden_layers),
+        "config": moe,
+    }
 
 
 def format_plan(p: dict) -> str:
