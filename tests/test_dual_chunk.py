@@ -183,3 +183,42 @@ def test_gradients_flow_through_a_dca_model():
     assert all(
         p.grad is not None and torch.isfinite(p.grad).all() for p in dca.parameters() if p.requires_grad
     )
+
+
+def test_dual_chunk_defaults_from_the_trained_length():
+    from qwen2.config import ModelConfig
+
+    config = ModelConfig.preset("Qwen2-7B-Instruct").with_dual_chunk_attention()
+    assert config.dual_chunk_attention_config == {
+        "chunk_size": 24576,
+        "local_size": 2048,
+        "original_max_position_embeddings": 32768,
+    }
+    assert config.max_position_embeddings == 131072 and config.rope_scaling is None
+    yarn = ModelConfig.preset("Qwen2-7B-Instruct-YaRN").with_dual_chunk_attention()
+    assert yarn.dual_chunk_attention_config["original_max_position_embeddings"] == 32768
+
+
+def test_the_generate_command_adds_dual_chunk_attention(tiny_chat_checkpoint, capsys):
+    from qwen2.checkpoint import load_model
+    from qwen2.cli import main
+
+    model = load_model(tiny_chat_checkpoint, dual_chunk_attention=True)
+    assert model.config.dual_chunk_attention_config is not None
+    assert load_model(tiny_chat_checkpoint).config.dual_chunk_attention_config is None
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_chat_checkpoint),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--quiet",
+    ]
+    assert main(argv + ["--dual-chunk-attention"]) == 0
+    with_dca = capsys.readouterr().out
+    assert main(argv) == 0
+    assert with_dca == capsys.readouterr().out  # a short prompt lies within one chunk: the same text

@@ -135,12 +135,15 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     kernels: bool = True,
+    dual_chunk_attention: bool = False,
 ) -> Qwen2:
     """Load a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory.
 
     dtype: floating tensors are cast to it (default: config.json's torch_dtype); quantized integer
     tensors keep theirs. Everything is checked before the first tensor is materialised.
     kernels: on CPU, swap in the decode kernels (qwen2.kernels.install); False keeps plain PyTorch layers.
+    dual_chunk_attention: add Dual Chunk Attention with ModelConfig.with_dual_chunk_attention's defaults
+    when config.json has no dual_chunk_attention_config (a config that has one is used as it is).
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -148,6 +151,8 @@ def load_model(
             f"{directory}: not a directory (expected a Hugging Face model folder with config.json)"
         )
     config = ModelConfig.from_json(directory / "config.json")
+    if dual_chunk_attention and config.dual_chunk_attention_config is None:
+        config = config.with_dual_chunk_attention()
     generation_config = _generation_config(directory)
     files = _shard_files(directory)
     if dtype is None:

@@ -88,6 +88,17 @@ class ModelConfig:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
+    def with_dual_chunk_attention(self, context: int | None = None) -> ModelConfig:
+        """This config with Dual Chunk Attention for a context of `context` tokens (default 4x the trained
+        length P, P = rope_scaling's original_max_position_embeddings or max_position_embeddings). The
+        defaults are ChunkLlama's for Qwen (SPEC 3.2): chunk_size C = 3P/4, local_size W = P/16, and YaRN's
+        temperature from L0 = P. DCA rotates with plain RoPE: any rope_scaling is dropped (as vLLM does)."""
+        p = (self.rope_scaling or {}).get("original_max_position_embeddings") or self.max_position_embeddings
+        dca = {"chunk_size": 3 * p // 4, "local_size": p // 16, "original_max_position_embeddings": p}
+        return self.replace(
+            dual_chunk_attention_config=dca, rope_scaling=None, max_position_embeddings=context or 4 * p
+        )
+
     # ---- checks -----------------------------------------------------------------------------
     def validate(self, source: str = "ModelConfig") -> None:
         """Type- and range-check every field; errors name the source, the field and the fix."""

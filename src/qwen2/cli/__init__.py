@@ -57,6 +57,12 @@ def _add_serve(sub):
         "--max-model-len", type=int, default=None, help="prompt + output at most (default: the config's)"
     )
 
+    p.add_argument(
+        "--dual-chunk-attention",
+        action="store_true",
+        help="add Dual Chunk Attention to a checkpoint without it (4x its trained context; SPEC 3 defaults)",
+    )
+
     def run(a):
         from qwen2.serve import serve
 
@@ -67,6 +73,7 @@ def _add_serve(sub):
             served_model_name=a.served_model_name,
             api_key=a.api_key,
             dtype=a.dtype,
+            dual_chunk_attention=a.dual_chunk_attention,
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
             max_model_len=a.max_model_len,
@@ -104,6 +111,11 @@ def _add_tokenizer(sub):
 
 
 def _sampling_flags(p, max_new_tokens: int):
+    p.add_argument(
+        "--dual-chunk-attention",
+        action="store_true",
+        help="add Dual Chunk Attention to a checkpoint without it (4x its trained context; SPEC 3 defaults)",
+    )
     p.add_argument(
         "--model",
         default=None,

@@ -47,7 +47,7 @@ def model_dir(path: str | None) -> Path:
     return d
 
 
-def load(path: str | None, dtype: str | None):
+def load(path: str | None, dtype: str | None, dual_chunk_attention: bool = False):
     """(model, tokenizer, directory) for a checkpoint folder; dtype None = the checkpoint's own."""
     import torch
 
@@ -56,7 +56,9 @@ def load(path: str | None, dtype: str | None):
 
     d = model_dir(path)
     tokenizer = load_tokenizer(d)
-    model = load_model(d, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
+    model = load_model(
+        d, dtype=getattr(torch, DTYPES[dtype]) if dtype else None, dual_chunk_attention=dual_chunk_attention
+    )
     tokenizer.check_vocab(model.config.vocab_size)
     return model, tokenizer, d
 
@@ -98,7 +100,7 @@ def run_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise ValueError("empty prompt: pass --prompt TEXT or pipe text on stdin")
-    model, tokenizer, d = load(args.model, args.dtype)
+    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention)
     params = sampling_params(args, d, tokenizer, chat=False)
     ids = tokenizer.encode(prompt)
     gen = generate(model, ids, params=params, tokenizer=tokenizer, compile=args.compile)
@@ -117,7 +119,7 @@ def run_chat(args) -> int:
     from qwen2.sampling import check_prompt
     from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
 
-    model, tokenizer, d = load(args.model, args.dtype)
+    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention)
     params = sampling_params(args, d, tokenizer, chat=True)
     system = args.system if args.system is not None else DEFAULT_SYSTEM_PROMPT
     session = ChatSession(model, tokenizer, params, compile=args.compile)

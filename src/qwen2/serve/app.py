@@ -112,12 +112,15 @@ def serve(
     served_model_name: str | None = None,
     api_key: str | None = None,
     dtype: str | None = None,
+    dual_chunk_attention: bool = False,
     **engine_kwargs,
 ) -> None:
     """`qwen2 serve`: load the checkpoint and its tokenizer, and serve until interrupted."""
     # Here, not at the top: an optional dependency that create_app (tests, embedders) does not need.
     uvicorn = require("uvicorn", "serve", "serving over HTTP")
-    model = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None).eval()
+    model = load_model(
+        model_dir, dtype=getattr(torch, dtype) if dtype else None, dual_chunk_attention=dual_chunk_attention
+    ).eval()
     tokenizer = load_tokenizer(model_dir)
     tokenizer.check_vocab(model.config.vocab_size)
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
