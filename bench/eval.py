@@ -39,7 +39,8 @@ def main() -> None:
     from qwen2.config import ModelConfig
     from qwen2.eval.harness import InProcess, load_task
     from qwen2.model import build_model
-    from qwen2.tokenizer.bpe import load_tokenizer, save_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
+    from qwen2.tokenizer.save import save_tokenizer
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))

@@ -38,7 +38,8 @@ from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generation import generate  # noqa: E402
 from qwen2.kernels import install  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
-from qwen2.tokenizer.bpe import load_tokenizer, save_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import load_tokenizer  # noqa: E402
+from qwen2.tokenizer.save import save_tokenizer  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, timeit  # noqa: E402
-from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer, save_tokenizer  # noqa: E402
+from qwen2.tokenizer.bpe import QWEN2_PATTERN, load_tokenizer  # noqa: E402
+from qwen2.tokenizer.save import save_tokenizer  # noqa: E402
 
 
 def english(mb: float) -> list[str]:

@@ -22,7 +22,8 @@ SHARED_TOKENIZER_DIR = Path(
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A folder of Qwen2 tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json,
     qwen.tiktoken) written by save_tokenizer from the built-in Qwen2 tokenizer."""
-    from qwen2.tokenizer.bpe import load_tokenizer, save_tokenizer
+    from qwen2.tokenizer.bpe import load_tokenizer
+    from qwen2.tokenizer.save import save_tokenizer
 
     return save_tokenizer(load_tokenizer("Qwen2"), tmp_path_factory.mktemp("qwen2-tokenizer"))
 

@@ -22,18 +22,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_reference import hf_tokenizer
-from qwen2.tokenizer import bpe
+from qwen2.tokenizer import bpe, save
 from qwen2.tokenizer.bpe import (
     CONTROL_TOKENS,
     QWEN2_CHAT_TEMPLATE,
     QWEN2_TIKTOKEN_SHA256,
     Tokenizer,
-    derive_merges,
     load_tokenizer,
     qwen2_tiktoken_file,
-    save_tokenizer,
 )
 from qwen2.tokenizer.chat import render_chat
+from qwen2.tokenizer.save import derive_merges, save_tokenizer
 from texts import PIECE, SAMPLES, TEXT
 
 
@@ -405,7 +404,7 @@ def test_save_refuses_tokens_pair_bpe_cannot_build(tmp_path):
 
 def test_merges_cache_is_keyed_by_the_ranks_and_survives_damage(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(bpe, "_CACHE_MIN_TOKENS", 0)  # cache even this small vocabulary
+    monkeypatch.setattr(save, "_CACHE_MIN_TOKENS", 0)  # cache even this small vocabulary
     small = _small(tok)
     save_tokenizer(small, tmp_path / "a")
     key = hashlib.sha256((tmp_path / "a" / "qwen.tiktoken").read_bytes()).hexdigest()
@@ -414,7 +413,7 @@ def test_merges_cache_is_keyed_by_the_ranks_and_survives_damage(tok, tmp_path, m
     assert cached.read_text() == merges
     # A second save reads the cache: it works without deriving.
     with monkeypatch.context() as m:
-        m.setattr(bpe, "derive_merges", lambda *a: pytest.fail("derived although cached"))
+        m.setattr(save, "derive_merges", lambda *a: pytest.fail("derived although cached"))
         save_tokenizer(small, tmp_path / "b")
     assert (tmp_path / "b" / "merges.txt").read_text() == (tmp_path / "a" / "merges.txt").read_text()
     # A damaged cache file is ignored and rewritten.

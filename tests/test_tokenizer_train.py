@@ -11,8 +11,9 @@ from hypothesis import given, settings
 
 from hf_reference import hf_tokenizer
 from qwen2.cli import main
-from qwen2.tokenizer.bpe import derive_merges, load_tokenizer
+from qwen2.tokenizer.bpe import load_tokenizer
 from qwen2.tokenizer.chat import QWEN2_CHAT_TEMPLATE, render_chat
+from qwen2.tokenizer.save import derive_merges
 from qwen2.tokenizer.train import train_tokenizer
 from texts import TEXT
 

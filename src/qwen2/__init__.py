@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_model": "qwen2.checkpoint",
     "save_model": "qwen2.checkpoint",
     "load_tokenizer": "qwen2.tokenizer.bpe",
-    "save_tokenizer": "qwen2.tokenizer.bpe",
+    "save_tokenizer": "qwen2.tokenizer.save",
     # the function; its module is qwen2.generation, so importing it never shadows it
     "generate": "qwen2.generation",
     "Engine": "qwen2.engine.engine",

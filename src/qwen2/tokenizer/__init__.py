@@ -6,6 +6,7 @@ incremental detokenisation with stop strings (stream) and training a Qwen2-style
     save_tokenizer(tok, "my-checkpoint")   # tokenizer.json, vocab.json, merges.txt, ... for transformers too
 """
 
-from qwen2.tokenizer.bpe import ENDOFTEXT, IM_END, IM_START, Tokenizer, load_tokenizer, save_tokenizer
+from qwen2.tokenizer.bpe import ENDOFTEXT, IM_END, IM_START, Tokenizer, load_tokenizer
+from qwen2.tokenizer.save import save_tokenizer
 
 __all__ = ["Tokenizer", "load_tokenizer", "save_tokenizer", "ENDOFTEXT", "IM_START", "IM_END"]

@@ -3,7 +3,7 @@
 Recipe: NFC, Qwen2's split regex (digits one by one), GPT-2's byte-level alphabet (all 256 bytes are
 tokens), BPE merges learnt by the `tokenizers` library's trainer (Rust, multi-threaded: ~13 s for an
 8k vocabulary on 20 MB of Python source on 2 cores), then the control tokens <|endoftext|>,
-<|im_start|>, <|im_end|> right after the regular vocabulary. Written by `save_tokenizer` (bpe.py) as a
+<|im_start|>, <|im_end|> right after the regular vocabulary. Written by `save_tokenizer` (save.py) as a
 checkpoint's tokenizer files: tokenizer.json, vocab.json + merges.txt, tokenizer_config.json (Qwen2's
 ChatML template; eos <|endoftext|>, as a base model's) and qwen.tiktoken, which both
 `qwen2.load_tokenizer` and transformers' AutoTokenizer read.
@@ -31,10 +31,9 @@ from qwen2.tokenizer.bpe import (
     QWEN2_PATTERN,
     Tokenizer,
     bytes_to_unicode,
-    derive_merges,
     load_tokenizer,
-    save_tokenizer,
 )
+from qwen2.tokenizer.save import derive_merges, save_tokenizer
 
 
 def _input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
