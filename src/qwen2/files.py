@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,29 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to fill; on success it is fsynced and renamed to `path`
+    (which must be absent or an empty folder), on any error removed: a checkpoint folder appears whole
+    or not at all."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path}: exists and is not empty; choose a new output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_json_object(path: str | os.PathLike) -> dict:

@@ -12,9 +12,7 @@ the new rendering extends the old one token for token, so only the new user turn
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -179,6 +177,7 @@ def run_quantize(args) -> int:
     import torch
 
     from qwen2.checkpoint import copy_side_files, load_model, save_model
+    from qwen2.files import atomic_dir
     from qwen2.quantize import quantize_model
 
     src = model_dir(args.model)
@@ -188,18 +187,9 @@ def run_quantize(args) -> int:
     model = load_model(src, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
     t0 = time.perf_counter()
     quantize_model(model, bits=args.bits, group_size=args.group_size, lm_head=not args.no_lm_head)
-    # Write beside the destination, then rename: an interrupted run leaves no half-written checkpoint.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:  # an interrupted run leaves no half-written checkpoint
         save_model(model, tmp)
         copy_side_files(src, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     spec = json.loads((out / "config.json").read_text())["quantization"]
     print(

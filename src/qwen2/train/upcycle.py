@@ -36,8 +36,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +43,7 @@ import numpy as np
 import torch
 
 from qwen2.config import PRESETS, ModelConfig, param_counts
-from qwen2.files import fsync_tree
+from qwen2.files import atomic_dir
 
 # Dense parents of the MoE presets (SPEC 5: secondary sources name Qwen2-7B; the shapes match exactly).
 PARENTS = {"Qwen2-57B-A14B": "Qwen2-7B", "Qwen2-57B-A14B-Instruct": "Qwen2-7B-Instruct", "tiny-moe": "tiny"}
@@ -374,16 +372,7 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, out_dir: str | os.PathLike,
     with torch.device("meta"):
         model = Qwen2(config)
     model.load_state_dict(state, strict=True, assign=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_dir(out) as tmp:
         save_model(model, tmp)
         copy_side_files(src, tmp)
-        fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
