@@ -346,3 +346,84 @@ def test_turned_off_falls_back_to_torch():
     env = dict(os.environ, QWEN2_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "qwen2 CPU kernels off (QWEN2_CPU_KERNELS=0): torch's kernels"
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_install_swaps_layers_in_place_and_their_fallbacks_are_the_plain_model(bits, monkeypatch):
+    """Runs on any CPU: with the library 'built' but every kernel predicate false, each kernel twin must
+    fall through to its parent's plain PyTorch, keep the same parameters and state dict, and uninstall
+    must undo it."""
+    from qwen2 import model as core
+    from qwen2.kernels import layers, uninstall
+
+    plain = build_model(small_config(), dtype=torch.bfloat16).eval()
+    if bits:
+        plain = quantize_model(plain, bits=bits)
+    ref = decode_logits(plain)
+    keys = {k: v.data_ptr() for k, v in plain.state_dict().items()}
+    monkeypatch.setattr(cpu_kernels, "library", lambda: object())  # "built", so install swaps
+    monkeypatch.setattr(cpu_kernels, "_ready", lambda tensors: False)  # but no kernel may run
+    model = install(plain)
+    assert model is plain and type(model) is layers.Qwen2
+    kinds = {type(m) for m in model.modules()}
+    assert {layers.Attention, layers.GatedMLP, layers.RMSNorm} <= kinds
+    assert not kinds & {core.Attention, core.MLP, core.RMSNorm, torch.nn.Linear}
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys  # nothing copied or renamed
+    assert torch.equal(decode_logits(model), ref)
+    uninstall(model)
+    assert type(model) is core.Qwen2 and not {type(m) for m in model.modules()} & set(layers.SWAPS.values())
+
+
+def fake_kernels(monkeypatch) -> list[str]:
+    """Every kernel replaced by its torch formula (and every predicate's library check passing): the kernel
+    layers' glue — which call, which arguments in which order — runs on any CPU. Returns the calls made."""
+    from qwen2.attention import attend
+    from qwen2.rope import apply_rotary
+
+    def dequant(w, s=None, z=None, group=0):
+        if w.dtype == torch.bfloat16:
+            return w
+        if w.dtype == torch.int8:
+            return (w.float() * s.float()[:, None]).to(torch.bfloat16)
+        q = unpack_int4(w).float().reshape(w.shape[0], -1, group)
+        return (
+            ((q - 8) * s.float()[..., None] + z.float()[..., None]).reshape(w.shape[0], -1).to(torch.bfloat16)
+        )
+
+    fakes = {
+        "gemv_bf16": lambda x, w, b=None: F.linear(x, w, b),
+        "gemv_int8": lambda x, w, s, b=None: F.linear(x, dequant(w, s), b),
+        "gemv_int4": lambda x, w, s, z, g, b=None: F.linear(x, dequant(w, s, z, g), b),
+        "gemv_glu": lambda x, wg, wu, sg=None, su=None, zg=None, zu=None, g=0: (
+            F.silu(F.linear(x, dequant(wg, sg, zg, g))) * F.linear(x, dequant(wu, su, zu, g))
+        ),
+        "rms_norm": lambda x, w, eps: (
+            w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, True) + eps)).to(x.dtype)
+        ),
+        "rotary": lambda x, cos, sin: apply_rotary(x, cos, sin),
+        "decode_attention": lambda q, k, v, mask: attend(q, k, v, mask),
+    }
+    calls = []
+    for name, fn in fakes.items():
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    monkeypatch.setattr(cpu_kernels, "library", lambda: object())
+    monkeypatch.setattr(cpu_kernels, "_ready", lambda tensors: all(t.device.type == "cpu" for t in tensors))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_the_kernel_layers_call_each_kernel_with_the_right_arguments(bits, monkeypatch):
+    plain = build_model(small_config(), dtype=torch.bfloat16).eval()
+    if bits:
+        plain = quantize_model(plain, bits=bits)
+    ref = decode_logits(plain)
+    calls = fake_kernels(monkeypatch)
+    fast = decode_logits(install(plain))
+    want = {"gemv_glu", "rms_norm", "rotary", "decode_attention"} | {
+        None: {"gemv_bf16"},
+        8: {"gemv_int8"},
+        4: {"gemv_int4"},
+    }[bits]
+    assert want <= set(calls)
+    assert (fast - ref).norm() / ref.norm() < 2e-2  # the same formulas; bf16 roundings in other places only
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
