@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from qwen2.train.upcycle import (
     upcycle_layer,
 )
 
-TOKENIZER = Path(__file__).parents[2] / "shared" / "fixtures" / "qwen2-tokenizer"
 H = 32
 
 
@@ -187,11 +185,11 @@ def test_function_preserving_choice_gives_the_dense_logits():
         torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_reads_in_transformers_and_ours(tmp_path):
+def test_checkpoint_reads_in_transformers_and_ours(tmp_path, tokenizer_dir):
     config = scaled_config("7B").replace(num_hidden_layers=2, torch_dtype="float32", initializer_range=0.08)
     save_model(build_model(config, seed=2), tmp_path / "dense")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(TOKENIZER / name, tmp_path / "dense" / name)
+        shutil.copy(tokenizer_dir / name, tmp_path / "dense" / name)
     out = upcycle_checkpoint(
         tmp_path / "dense",
         tmp_path / "moe",
@@ -201,7 +199,7 @@ def test_checkpoint_reads_in_transformers_and_ours(tmp_path):
         shared_experts=4,
         seed=3,
     )
-    assert (out / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["Qwen2MoeForCausalLM"] and written["upcycling"]["copies"] == 2
     ours = load_model(out, dtype=torch.float32)

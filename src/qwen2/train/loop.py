@@ -219,12 +219,16 @@ class Trainer:
         if self._tb is None:
             try:
                 require("tensorboard", "train", "TensorBoard metrics")
-            except MissingExtra as e:  # the train extra is optional: JSONL alone is complete
-                print(f"note: {e}; metrics go to metrics.jsonl only")
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # the train extra is optional: JSONL alone is complete
+                why = (
+                    e
+                    if isinstance(e, MissingExtra)
+                    else f"TensorBoard does not import ({e}): pip install 'qwen2[train]'"
+                )
+                print(f"note: {why}; metrics go to metrics.jsonl only")
                 self._tb = False
             else:
-                from torch.utils.tensorboard import SummaryWriter
-
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb or None
 
