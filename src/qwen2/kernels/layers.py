@@ -123,10 +123,10 @@ SWAPS = {
 
 
 def install(model: nn.Module) -> nn.Module:
-    """Swap the kernel layers into `model` in place (idempotent); returns it. A model whose kernels cannot
-    be built here (ops.status() says why) keeps its plain layers."""
-    if ops.library() is None:
-        return model
+    """Swap the kernel layers into `model` in place (idempotent); returns it. Also where the C kernels
+    cannot be built (ops.status() says why): the twins then fall through to their parents, except for
+    the torch-only fast path of `linear` (one bf16 row through torch.mv, several times faster here)."""
+    ops.library()  # build (or rule out) the library now, not inside a traced or timed step
     for module in model.modules():
         twin = SWAPS.get(type(module))
         if twin is not None:
