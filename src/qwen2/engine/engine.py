@@ -49,7 +49,9 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt positions 1.., once the prompt is computed
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (a stop token) | "length" (max_tokens or the context)
+    # "stop" (a stop token) | "length" (max_tokens or the context) | "error" (then `error` says why)
+    finish_reason: str | None = None
+    error: str | None = None  # this request failed (e.g. non-finite logits); the others go on
 
 
 @dataclass
