@@ -71,6 +71,27 @@ def test_prefill_beyond_one_chunk_equals_the_naive_reference(chunks, tail, block
     assert (ours - naive(q, k, v, pos, inv_freq, chunk, local)).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("chunks,tail", [(1, 0), (3, 0), (10, 7)])
+@pytest.mark.parametrize("block", [1024, 5])
+def test_the_fused_inference_path_equals_the_naive_reference(chunks, tail, block):
+    """fp32 / bf16 without gradients take torch's flash kernel per key range (a different computation
+    from the fp64 matmul form above): the same attention, to fp32 rounding, and bf16 to bf16's."""
+    chunk, local = 12, 4
+    t = chunks * (chunk - local) + tail
+    q, k, v, inv_freq = inputs(2, t, seed=chunks + tail)
+    pos = torch.arange(t).expand(2, t)
+    ref = naive(q, k, v, pos, inv_freq, chunk, local)
+    parts = [x.float() for x in rotated(q, k, pos, inv_freq, chunk, local)]
+    ours = dual_chunk_attend(*parts, v.float(), pos, chunk - local, block=block)
+    assert (ours.double() - ref).abs().max() <= 1e-5
+    half = dual_chunk_attend(*[x.bfloat16() for x in parts], v.bfloat16(), pos, chunk - local, block=block)
+    assert half.dtype == torch.bfloat16 and (half.double() - ref).abs().max() <= 0.05
+    # one new query at the end (decode) against the whole cache
+    last = [x[:, :, -1:] for x in parts[:3]]
+    step = dual_chunk_attend(*last, parts[3], v.float(), pos[:, -1:], chunk - local)
+    assert (step.double() - ref[:, :, -1:]).abs().max() <= 1e-5
+
+
 def test_decode_rows_at_different_positions_equal_the_reference():
     chunk, local, t = 12, 4, 50
     q, k, v, inv_freq = inputs(3, t, seed=3)

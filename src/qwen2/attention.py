@@ -96,6 +96,12 @@ def dual_chunk_attend(
     hkv = k.shape[1]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_intra, q_succ, q_inter, k, v))
+    fused = q_intra.device.type == "cpu" and q_intra.dtype != torch.float64  # the kernel accumulates in fp32
+    if fused and not needs_grad and valid is None and bool((positions == positions[:1]).all()):
+        if isinstance(scale, torch.Tensor):  # rows at the same positions share YaRN's temperature
+            scale = float(scale.reshape(-1)[0])
+        return _dual_chunk_flash(q_intra, q_succ, q_inter, k, v, positions[0], chunk_len, scale, block)
     if isinstance(scale, torch.Tensor):
         scale = scale.view(b, 1, 1, 1)
     c_k = torch.arange(k.shape[2], device=k.device) // chunk_len  # [S]
@@ -124,3 +130,50 @@ def dual_chunk_attend(
         merged = sum(o * w[..., r : r + 1] for r, (o, _) in enumerate(parts))
         out[:, :, s:e] = merged.reshape(b, hq, e - s, -1)
     return out.to(q_intra.dtype)
+
+
+_flash_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _dual_chunk_flash(q_intra, q_succ, q_inter, k, v, pos, chunk_len: int, scale: float, block: int):
+    """dual_chunk_attend for inference when every row is at the same positions `pos` [T] (a prompt or
+    a decode of one sequence, or equal rows): the same parts from a fused attention kernel that returns
+    its log-sum-exp (torch's CPU flash attention: key blocks with an online softmax, so no [T, S] score
+    matrix exists; ~6x the matmul form on CPU, bf16 without an fp32 copy of the keys). Query blocks
+    stop at chunk boundaries, so each block's parts are key ranges without masks: the intra keys before
+    the block, the block itself (causal), the previous chunk (successive) and all before it (inter).
+    Its log-sum-exp is not differentiable: training takes the matmul form."""
+    b, hq, t, d = q_intra.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.empty_like(q_intra)
+    s = 0
+    while s < t:
+        p0 = int(pos[s])
+        c = p0 // chunk_len
+        e = min(t, s + block, s + (c + 1) * chunk_len - p0)  # stay in chunk c
+        n = e - s
+        if int(pos[e - 1]) - p0 != n - 1:  # the block's positions must be consecutive
+            raise ValueError("dual_chunk_attend: a sequence's positions must be consecutive")
+
+        def folded(q):  # [B, Hq, n, d] -> [B, Hkv, G * n, d]: query head h reads KV head h // g
+            return q[:, :, s:e].reshape(b, hkv, g * n, d)
+
+        parts = []
+        ranges = ((q_intra, c * chunk_len, p0), (q_succ, (c - 1) * chunk_len, c * chunk_len))
+        for q, lo, hi in (*ranges, (q_inter, 0, (c - 1) * chunk_len)):
+            lo = max(lo, 0)
+            if hi > lo:
+                o, lse = _flash_lse(folded(q), k[:, :, lo:hi], v[:, :, lo:hi], scale=scale)
+                parts.append((o.view(b, hkv, g, n, d), lse.view(b, hkv, g, n, 1)))
+        # The block against its own keys, causal: square, so the kernel's top-left causal mask is right.
+        kd = k[:, :, p0 : p0 + n].repeat_interleave(g, 1)
+        vd = v[:, :, p0 : p0 + n].repeat_interleave(g, 1)
+        o, lse = _flash_lse(q_intra[:, :, s:e], kd, vd, is_causal=True, scale=scale)
+        parts.append((o.view(b, hkv, g, n, d), lse.view(b, hkv, g, n, 1)))
+        lse = torch.cat([x.float() for _, x in parts], dim=-1)  # [B, Hkv, G, n, parts]
+        w = torch.softmax(lse, dim=-1)
+        merged = sum(o.float() * w[..., r : r + 1] for r, (o, _) in enumerate(parts))
+        out[:, :, s:e] = merged.reshape(b, hq, n, d).to(out.dtype)
+        s = e
+    return out
