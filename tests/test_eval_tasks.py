@@ -69,7 +69,9 @@ def test_hellaswag_preprocessing_is_lm_evals(tmp_path):
     "task,subject,split,q,a",
     [
         ("ceval", "accountant", "val", "question", "answer"),
+        ("ceval", "high_school_physics", "val", "question", "answer"),
         ("cmmlu", "agronomy", "test", "Question", "Answer"),
+        ("cmmlu", "chinese_driving_rule", "test", "Question", "Answer"),
     ],
 )
 def test_chinese_exam_prompts_render_lm_evals_templates(tmp_path, task, subject, split, q, a):
@@ -86,11 +88,6 @@ def test_chinese_exam_prompts_render_lm_evals_templates(tmp_path, task, subject,
     doc_to_text = yaml.safe_load(template)["doc_to_text"]
     name = f"ceval-valid_{subject}" if task == "ceval" else f"cmmlu_{subject}"
     description = yaml.safe_load(open(f"{folder}/{name}.yaml"))["description"]
-    zh = re.search(r"关于(.*?)的单项", description).group(1)
-    (tmp_path / task).mkdir()
-    (tmp_path / task / "subject_mapping.json").write_text(
-        json.dumps({subject: ["x", zh, "y"]}, ensure_ascii=False)
-    )
     rows = [
         {q: f"问题 {i} 是什么？ ", "A": "甲", "B": "乙", "C": "丙", "D": "丁", a: "ABCD"[i % 4]}
         for i in range(7)
@@ -103,6 +100,39 @@ def test_chinese_exam_prompts_render_lm_evals_templates(tmp_path, task, subject,
     want = description + "".join(f"{render(**r)} {r[a]}\n\n" for r in rows[:5]) + render(**rows[5])
     assert docs[0]["prompt"] == want
     assert docs[1]["gold"] == "ABCD".index(rows[6][a])
+
+
+@pytest.mark.parametrize("task,prefix", [("ceval", "ceval-valid_"), ("cmmlu", "cmmlu_")])
+def test_every_chinese_subject_description_is_lm_evals(tmp_path, task, prefix):
+    lm_eval = pytest.importorskip("lm_eval")
+    import glob
+
+    import yaml
+
+    from qwen2.eval.harness import load_task
+
+    module = load_task(task)[1]
+    theirs = {}
+    for f in glob.glob(f"{lm_eval.__path__[0]}/tasks/{task}/{prefix}*.yaml"):
+        y = yaml.safe_load(open(f))
+        theirs[y["dataset_name"]] = y["description"]
+    assert len(theirs) == {"ceval": 52, "cmmlu": 67}[task]
+    assert {k: module.DESCRIPTION.format(v) for k, v in module.SUBJECTS.items()} == theirs
+    # a subject lm-eval does not know: named by the dataset's subject_mapping.json, else its file name
+    rows = [
+        {"question": "问题", "Question": "问题", "A": "1", "B": "2", "C": "3", "D": "4"} for _ in range(2)
+    ]
+    rows = [r | {"answer": "A", "Answer": "A"} for r in rows]
+    split = "val" if task == "ceval" else "test"
+    for subject in ("new_subject", "other_subject"):
+        write_jsonl(tmp_path / f"{task}/{subject}/dev.jsonl", rows[:1])
+        write_jsonl(tmp_path / f"{task}/{subject}/{split}.jsonl", rows[1:])
+    (tmp_path / task / "subject_mapping.json").write_text(
+        json.dumps({"new_subject": ["New", "新科目", "STEM"]}, ensure_ascii=False)
+    )
+    docs = module.load(tmp_path, 1)
+    assert docs[0]["prompt"].startswith(module.DESCRIPTION.format("新科目"))
+    assert docs[1]["prompt"].startswith(module.DESCRIPTION.format("other subject"))
 
 
 def test_gsm8k_and_math_score_through_the_answer_checkers():

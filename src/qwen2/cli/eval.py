@@ -28,7 +28,7 @@ def add_parser(sub):
         "--tasks",
         required=True,
         help="comma-separated: mmlu,arc_challenge,hellaswag,ceval,cmmlu,"
-        "gsm8k,math,humaneval,perplexity,needle",
+        "gsm8k,math,humaneval,mbpp,perplexity,needle",
     )
     p.add_argument(
         "--data", default=None, help="folder holding the tasks' data files (see each task's docstring)"
@@ -38,6 +38,16 @@ def add_parser(sub):
     p.add_argument(
         "--out", default="eval-out", help="output folder: results.json, report.md, samples/ (resumable)"
     )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="completions per problem for humaneval/mbpp: pass@k for k in 1,10,100 <= N (default 1, greedy)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature with --samples > 1 (default 0.8)"
+    )
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed with --samples > 1")
     p.add_argument("--batch-size", type=int, default=8, help="in-process batch size")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight against --base-url")
     p.set_defaults(func=run)
@@ -59,6 +69,9 @@ def run(a) -> int:
             api_key=a.api_key,
             concurrency=a.concurrency,
             batch_size=a.batch_size,
+            samples=a.samples,
+            temperature=a.temperature,
+            seed=a.seed,
         )
     except EndpointError as e:  # the server is down or failing: one line, not a traceback
         print(f"qwen2 eval: error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ TASKS = {  # name -> module: tasks are data + a scorer, no registry
     "gsm8k": "qwen2.eval.gsm8k",
     "math": "qwen2.eval.math",
     "humaneval": "qwen2.eval.humaneval_task",
+    "mbpp": "qwen2.eval.mbpp",
     "perplexity": "qwen2.eval.perplexity",
     "needle": "qwen2.eval.needle",
 }
@@ -122,6 +123,21 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
+def truncate_pair(ctx: list[int], cont: list[int], keep: int) -> tuple[list[int], list[int]]:
+    """Cut the context from the left so that context + continuation is at most `keep` tokens (lm-eval:
+    hf keeps context + 1, its API models context - 1); a continuation alone longer is an error."""
+    if len(cont) > keep - 1:
+        raise ValueError(f"a continuation of {len(cont)} tokens leaves no room in a context of {keep - 1}")
+    return ctx[max(0, len(ctx) + len(cont) - keep) :], cont
+
+
+def truncate_prompt(ids: list[int], context: int, max_tokens: int) -> list[int]:
+    """lm-eval's generate_until: a prompt keeps its last context - max_tokens tokens."""
+    if max_tokens >= context:
+        raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in a context of {context}")
+    return ids[-(context - max_tokens) :]
+
+
 class InProcess:
     """A qwen2 model + tokenizer: log-likelihoods through a shared-prefix KV cache, greedy generation
     through qwen2.generation.generate in batches."""
@@ -161,12 +177,7 @@ class InProcess:
         from qwen2.generation import prefill
 
         n, longest = len(ctx), max(len(c) for c in conts)
-        if n + longest > self.config.max_position_embeddings:
-            raise ValueError(
-                f"a request of {n + longest} tokens exceeds the model's context "
-                f"({self.config.max_position_embeddings}, config.json max_position_embeddings)"
-            )
-        self._reserve(n + longest)
+        self._reserve(n + longest - 1)  # a continuation's last token is only a target, never an input
         common = 0
         # keep >= 1 new context token: its logits predict the first token of each choice
         for a, b in zip(self._prefix, ctx[: n - 1], strict=False):
@@ -182,12 +193,12 @@ class InProcess:
             if max(len(c) for c in chunk) == 1:  # one-token continuations: the context's logits suffice
                 out += [(last[c[0]].item(), bool(last.argmax() == c[0])) for c in chunk]
                 continue
-            b, t = len(chunk), max(len(c) for c in chunk)
+            b, t = len(chunk), max(len(c) for c in chunk) - 1
             cache = self._ccache(b)
             for k_p, v_p, k_c, v_c in zip(self._pcache.k, self._pcache.v, cache.k, cache.v, strict=False):
                 k_c[:, :, :n] = k_p[:, :, :n]  # the shared context, copied to every choice's row
                 v_c[:, :, :n] = v_p[:, :, :n]
-            tokens = torch.tensor([c + [0] * (t - len(c)) for c in chunk], device=self.device)
+            tokens = torch.tensor([c[:-1] + [0] * (t + 1 - len(c)) for c in chunk], device=self.device)
             positions = (n + torch.arange(t, device=self.device)).expand(b, t)
             lp = torch.log_softmax(self.model(tokens, positions, cache).float(), -1)  # [b, t, V]
             for r, c in enumerate(chunk):
@@ -199,8 +210,10 @@ class InProcess:
         return out
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """(context, continuation) pairs -> (sum log p(continuation | context), continuation is greedy)."""
-        enc = [encode_pair(self.tokenizer, c, x) for c, x in pairs]
+        """(context, continuation) pairs -> (sum log p(continuation | context), continuation is greedy).
+        A pair longer than the model's context keeps its last context + 1 tokens (lm-eval's hf model:
+        the context is cut from the left, the continuation kept whole)."""
+        enc = [truncate_pair(*encode_pair(self.tokenizer, c, x), self.context + 1) for c, x in pairs]
         out: list = [None] * len(pairs)
         i = 0
         while i < len(enc):  # consecutive pairs with the same context ids form one group
@@ -226,16 +239,15 @@ class InProcess:
     def generate(self, prompts: Sequence[str], stop: Sequence[str], max_tokens: int) -> list[str]:
         from qwen2.generation import generate
 
-        enc = [self.tokenizer.encode(p) for p in prompts]
+        enc = [truncate_prompt(self.tokenizer.encode(p), self.context, max_tokens) for p in prompts]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths share a batch
         out: list = [None] * len(enc)
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
-            room = self.config.max_position_embeddings - max(len(enc[i]) for i in idx)
             gen = generate(
                 self.model,
                 [enc[i] for i in idx],
-                max(1, min(max_tokens, room)),
+                max_tokens,
                 temperature=0.0,
                 stop=list(stop) or None,
                 tokenizer=self.tokenizer,
@@ -244,6 +256,43 @@ class InProcess:
                 pass
             for i, text in zip(idx, gen.texts, strict=False):
                 out[i] = text
+        return out
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """n sampled completions per prompt (pass@k, rejection sampling). Explicit SamplingParams, so a
+        checkpoint's generation_config (top_k, penalties) never leaks in. Row r of prompt i draws with
+        seed + i * n + r whatever the batching, so a seeded call is reproducible."""
+        from qwen2.generation import generate
+        from qwen2.sampling import SamplingParams
+
+        out: list[list[str]] = []
+        for i, prompt in enumerate(prompts):
+            ids = truncate_prompt(self.tokenizer.encode(prompt), self.context, max_tokens)
+            texts: list[str] = []
+            for s in range(0, n, self.batch_size):
+                rows = min(self.batch_size, n - s)
+                params = SamplingParams(
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_tokens,
+                    seed=None if seed is None else seed + i * n + s,
+                    stop=list(stop),
+                )
+                gen = generate(self.model, [ids] * rows, params=params, tokenizer=self.tokenizer)
+                for _ in gen:
+                    pass
+                texts += gen.texts
+            out.append(texts)
         return out
 
 
@@ -294,39 +343,97 @@ class Endpoint:
             return list(pool.map(fn, items))
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        def one(pair):
-            ctx, cont = encode_pair(self.tokenizer, *pair)
+        """As lm-eval's local-completions, one request per question: the consecutive pairs sharing a
+        context go together as a list of prompts (fewer round trips; a server with a prefix cache, ours
+        or vLLM's, then computes the shared context once)."""
+        enc = [truncate_pair(*encode_pair(self.tokenizer, *p), self.context - 1) for p in pairs]
+        groups, i = [], 0
+        while i < len(enc):
+            j = i + 1
+            while j < len(enc) and j - i < self.max_n and pairs[j][0] == pairs[i][0]:
+                j += 1
+            groups.append(enc[i:j])
+            i = j
+
+        def one(group):
             r = self._request(
                 "POST",
                 "/completions",
                 {
                     "model": self.model,
-                    "prompt": ctx + cont,
+                    "prompt": [ctx + cont for ctx, cont in group],
                     "echo": True,
                     "logprobs": 1,
                     "max_tokens": 0,
                     "temperature": 0,
                 },
             )
-            lp = r["choices"][0]["logprobs"]
-            n = len(ctx)
-            ll = sum(lp["token_logprobs"][n:])
-            greedy = all(
-                max(top, key=top.get) == tok
-                for tok, top in zip(lp["tokens"][n:], lp["top_logprobs"][n:], strict=False)
-            )
-            return ll, greedy
+            out = []
+            for (ctx, _), c in zip(group, sorted(r["choices"], key=lambda c: c["index"]), strict=True):
+                lp, n = c["logprobs"], len(ctx)
+                greedy = all(
+                    max(top, key=top.get) == tok
+                    for tok, top in zip(lp["tokens"][n:], lp["top_logprobs"][n:], strict=False)
+                )
+                out.append((sum(lp["token_logprobs"][n:]), greedy))
+            return out
 
-        return self._map(one, pairs)
+        return [r for rs in self._map(one, groups) for r in rs]
 
     def generate(self, prompts: Sequence[str], stop: Sequence[str], max_tokens: int) -> list[str]:
         def one(prompt):
-            body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            body = {"model": self.model, "prompt": self._prompt(prompt, max_tokens), "max_tokens": max_tokens}
+            body["temperature"] = 0
             if stop:
                 body["stop"] = list(stop)[:4]  # the OpenAI API takes at most 4
             return self._request("POST", "/completions", body)["choices"][0]["text"]
 
         return self._map(one, prompts)
+
+    def _prompt(self, prompt: str, max_tokens: int):
+        """The text, or its last context - 1 - max_tokens ids where it is longer (lm-eval's API models)."""
+        ids = self.tokenizer.encode(prompt)
+        keep = truncate_prompt(ids, self.context - 1, max_tokens)
+        return prompt if len(keep) == len(ids) else keep
+
+    max_n = 16  # choices per request: our server's cap (OpenAI allows 128); larger n is split
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """n sampled completions per prompt through /v1/completions' `n`; a request of at most max_n
+        choices each, request j of prompt i seeded seed + i * n + j * max_n."""
+        jobs = [(i, s, min(self.max_n, n - s)) for i in range(len(prompts)) for s in range(0, n, self.max_n)]
+
+        def one(job):
+            i, s, k = job
+            body = {
+                "model": self.model,
+                "prompt": self._prompt(prompts[i], max_tokens),
+                "n": k,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+            }
+            if seed is not None:
+                body["seed"] = seed + i * n + s
+            if stop:
+                body["stop"] = list(stop)[:4]
+            choices = sorted(self._request("POST", "/completions", body)["choices"], key=lambda c: c["index"])
+            return [c["text"] for c in choices]
+
+        out: list[list[str]] = [[] for _ in prompts]
+        for (i, _, _), texts in zip(jobs, self._map(one, jobs), strict=True):
+            out[i] += texts
+        return out
 
 
 # ---- resumable samples ----------------------------------------------------------------------------
@@ -382,17 +489,36 @@ def choice_metrics(doc: dict, results: list[tuple[float, bool]]) -> dict:
 
 
 def run_task(
-    backend, name: str, module, out: Path | None, *, data_dir=None, limit=None, shots=None, chunk: int = 16
+    backend,
+    name: str,
+    module,
+    out: Path | None,
+    *,
+    data_dir=None,
+    limit=None,
+    shots=None,
+    chunk: int = 16,
+    samples: int = 1,
+    temperature: float = 0.8,
+    seed: int | None = 1234,
 ) -> dict:
-    """Score every not-yet-written sample of one task; return its metrics (over all samples) and n."""
+    """Score every not-yet-written sample of one task; return its metrics (over all samples) and n.
+    samples > 1 (tasks with score_samples: humaneval, mbpp): that many completions per question at
+    `temperature`, pass@k for the task's PASS_KS up to `samples`."""
     from tqdm import tqdm
 
     if getattr(module, "KIND", "") == "custom":  # needle, perplexity: their own loop and outputs
         return module.run(backend, out=out, data_dir=data_dir, limit=limit, shots=shots)
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"--samples must be an integer >= 1, got {samples!r}")
+    if samples > 1 and not hasattr(module, "score_samples"):
+        raise ValueError(f"{name}: --samples > 1 applies to code tasks (humaneval, mbpp) only")
     docs = module.load(data_dir, module.SHOTS if shots is None else shots)
     docs = docs[:limit] if limit else docs
     log = SampleLog((out or Path(".")) / "samples" / f"{name}.jsonl") if out else None
     done = log.done if log else {}
+    # a record written with another sample count is scored again (its pass@k would be another metric)
+    done = {k: r for k, r in done.items() if r.get("samples", 1) == samples}
     todo = [d for d in docs if d["id"] not in done]
     records = {d["id"]: done[d["id"]] for d in docs if d["id"] in done}
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=name, unit="q")
@@ -413,6 +539,27 @@ def run_task(
                 k += m
                 records[d["id"]] = rec
                 log and log.write(rec)
+        elif samples > 1:
+            outs = backend.sample(
+                [d["prompt"] for d in batch],
+                samples,
+                temperature=temperature,
+                max_tokens=module.MAX_TOKENS,
+                stop=module.STOP,
+                seed=None if seed is None else seed + s * samples,  # question j: rows j*N..
+            )
+            for d, texts in zip(batch, outs, strict=True):
+                rec = {
+                    "id": d["id"],
+                    "prompt": d["prompt"],
+                    "samples": samples,
+                    "temperature": temperature,
+                    "outputs": texts,
+                    "reference": d["reference"],
+                    **module.score_samples(d, texts),
+                }
+                records[d["id"]] = rec
+                log and log.write(rec)
         else:
             texts = backend.generate([d["prompt"] for d in batch], module.STOP, module.MAX_TOKENS)
             for d, text in zip(batch, texts, strict=False):
@@ -430,8 +577,10 @@ def run_task(
     if log:
         log.close()
     recs = [records[d["id"]] for d in docs]
-    metrics = {m: sum(r[m] for r in recs) / max(1, len(recs)) for m in module.METRICS}
-    return {**metrics, "n": len(recs), "shots": module.SHOTS if shots is None else shots}
+    names = module.METRICS if samples == 1 else [f"pass@{k}" for k in module.PASS_KS if k <= samples]
+    metrics = {m: sum(r[m] for r in recs) / max(1, len(recs)) for m in names}
+    extra = {"samples": samples, "temperature": temperature} if samples > 1 else {}
+    return {**metrics, "n": len(recs), "shots": module.SHOTS if shots is None else shots, **extra}
 
 
 def make_backend(model_or_url, *, tokenizer=None, api_key=None, concurrency=8, batch_size=8):
@@ -480,11 +629,15 @@ def evaluate(
     api_key=None,
     concurrency=8,
     batch_size=8,
+    samples=1,
+    temperature=0.8,
+    seed=1234,
 ) -> dict:
     """Run `tasks` (names, or one comma-separated string) on a checkpoint folder, a loaded Qwen2 (with
     tokenizer=) or an OpenAI-compatible base URL. With `out`, samples go to OUT/samples/TASK.jsonl (a
     rerun skips those written), results to OUT/results.json and OUT/report.md. Returns
-    {"task": {"metric": value, ..., "n": count}}."""
+    {"task": {"metric": value, ..., "n": count}}. samples > 1 samples that many completions per problem
+    of the code tasks (pass@k; other tasks in the same call stay greedy)."""
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     modules = [load_task(t) for t in names if t]
     backend = make_backend(
@@ -495,7 +648,18 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, module in modules:
-        results[name] = run_task(backend, name, module, out, data_dir=data_dir, limit=limit, shots=shots)
+        results[name] = run_task(
+            backend,
+            name,
+            module,
+            out,
+            data_dir=data_dir,
+            limit=limit,
+            shots=shots,
+            samples=samples if hasattr(module, "score_samples") else 1,
+            temperature=temperature,
+            seed=seed,
+        )
         if out:  # after every task, so a killed run keeps the finished tasks' results
             atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
             write_report(out, results)

