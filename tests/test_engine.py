@@ -213,3 +213,73 @@ def test_block_manager_reuses_named_blocks_until_they_are_recycled():
     bm.release(other)
     bm.release(cached)
     assert bm.grow([], 6) and bm.match_prefix([b"h0"]) == []  # recycled as a fresh block: name erased
+
+
+# ---- non-finite logits: the request fails, the batch goes on ---------------------------------------
+def test_a_row_of_nan_logits_fails_only_its_request(model, monkeypatch):
+    ps = prompts([7, 12, 5], seed=11)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    rids = [engine.add_request(p, greedy(6)) for p in ps]
+    bad, forward = rids[1], engine.runner.forward
+
+    def poisoned(batch):  # the model's logits for `bad` turn NaN on its third sampled token
+        logits = forward(batch)
+        for (seq, _), lg in zip(batch, logits):
+            if seq.request_id == bad and len(seq.output) == 2:
+                lg[-1, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.runner, "forward", poisoned)
+    out, errors = {}, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finish_reason == "error":
+                errors[o.request_id] = o.error
+    assert list(errors) == [bad] and "non-finite logits" in errors[bad]
+    assert out[bad] == alone(model, ps[1], 2)  # what it produced before the NaN step
+    for rid, p in zip(rids, ps):
+        if rid != bad:
+            assert out[rid] == alone(model, p, 6)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_model_with_non_finite_weights_fails_each_request_with_an_error(value):
+    broken = build_model(ModelConfig.preset("tiny"), seed=0).eval()
+    with torch.no_grad():
+        broken.model.norm.weight[0] = value  # every position's final hidden state, so every logit row
+    engine = Engine(broken, block_size=4, num_blocks=64)
+    rids = [engine.add_request(p, greedy(4)) for p in prompts([3, 9])]
+    rids.append(
+        engine.add_request(prompts([4])[0], SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
+    )
+    outs = [o for _ in range(5) for o in engine.step()]
+    assert sorted(o.request_id for o in outs) == sorted(rids)  # each reported once, in the first step
+    for o in outs:
+        assert o.finished and o.finish_reason == "error" and o.token_ids == [] and "NaN or Inf" in o.error
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_request_hitting_a_nan_weight_cannot_poison_the_others():
+    """A NaN embedding row (untied: only prompts holding that token see it) fails that request alone.
+    Its K/V sit in its blocks and, via its padding, in the scratch block: slots the other rows' masks
+    hide, but 0 * NaN is NaN, so the paged cache must zero them (now, and after the blocks are reused)."""
+    net = build_model(ModelConfig.preset("tiny").replace(tie_word_embeddings=False), seed=0).eval()
+    clean = prompts([5, 19, 3], seed=3)
+    refs = [alone(net, p, 8) for p in clean]
+    bad_id = next(i for i in range(1, 512) if all(i not in p + r for p, r in zip(clean, refs)))
+    with torch.no_grad():
+        net.model.embed_tokens.weight[bad_id] = float("nan")
+    engine = Engine(net, block_size=4, num_blocks=64)
+    for round in range(2):  # the second round reuses the failed request's freed blocks
+        rids = [engine.add_request(p, greedy(8)) for p in clean]
+        bad = engine.add_request([bad_id] * 6, greedy(8))  # last: its padding is written to scratch last
+        out, errors = {}, []
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+                if o.finish_reason == "error":
+                    errors.append(o.request_id)
+        assert errors == [bad], f"round {round}"
+        assert [out[r] for r in rids] == refs, f"round {round}"

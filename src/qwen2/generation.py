@@ -157,6 +157,11 @@ class Generation:
         cache: KVCache | None = None,
         cached: int = 0,
     ):
+        if params.grammar is not None:
+            raise ValueError(
+                "SamplingParams.grammar (a response format) is applied by qwen2.engine.Engine; generate "
+                "does not constrain its output"
+            )
         self.model, self.rows, self.params, self.tokenizer = model, rows, params, tokenizer
         self.batched, self.cached = batched, cached
         self.step = step if step is not None else DecodeStep(model)

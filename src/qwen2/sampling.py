@@ -2,10 +2,13 @@
 
 Semantics are transformers' logits processors (generation/logits_process.py), applied in the order
 its `generate` builds them, plus OpenAI's presence / frequency penalties (applied, as vLLM does,
-right after the repetition penalty and to the generated tokens only):
+right after the repetition penalty and to the generated tokens only), with OpenAI's logit_bias first
+and a per-row token mask (constrained decoding, qwen2.grammar) after the penalties:
 
+    logit bias          l[t] += bias[t]                (OpenAI: added to the model's logits; greedy rows too)
     repetition penalty  seen tokens (prompt + output): l < 0 -> l * r, else l / r (CTRL, Keskar et al. 2019)
     presence/frequency  l -= frequency * count(output) + presence * [count(output) > 0]       (OpenAI)
+    token mask          l[t] = -inf where the row's mask forbids t (a grammar's allowed next tokens)
     temperature         l / t                            (t == 0 means greedy: argmax after the penalties)
     top-k               drop l < the k-th largest value (ties with it are kept)
     top-p               sort ascending; drop tokens whose cumulative probability <= 1 - p; keep the top one
@@ -14,7 +17,7 @@ right after the repetition penalty and to the generated tokens only):
 
 Every processor takes one value per row, so one call serves a batch whose rows carry different
 SamplingParams (the continuous-batching engine reuses `sample` this way). A disabled value
-(top_k 0, top_p 1, min_p 0, penalties 1 / 0) leaves its row untouched, bit for bit.
+(top_k 0, top_p 1, min_p 0, penalties 1 / 0, no logit_bias, no mask) leaves its row untouched, bit for bit.
 
 `check_prompt` is the one check of a request's prompt against the model (generate, ChatSession, the
 CLI, the engine and the server all call it).
@@ -29,10 +32,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen2.files import read_json_object
+
+if TYPE_CHECKING:
+    from qwen2.grammar import Grammar
+
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 @dataclass
@@ -50,11 +59,16 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per call
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before the first match
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> bias in [-100, 100]
+    # A compiled response format (qwen2.grammar): the output must match it. Shared by the choices of a
+    # request; each sequence walks it with its own matcher.
+    grammar: Grammar | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         ids = self.stop_token_ids
         self.stop_token_ids = [int(i) for i in ([ids] if isinstance(ids, int) else ids or [])]
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
@@ -75,6 +89,13 @@ class SamplingParams:
         check("seed", lambda v: v is None or isinstance(v, int), "an integer or None")
         if any(not s for s in self.stop):
             raise ValueError("SamplingParams: stop strings must be non-empty")
+        for t, b in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"SamplingParams: logit_bias keys must be token ids (ints >= 0), got {t!r}")
+            if isinstance(b, bool) or not num(b) or abs(b) > LOGIT_BIAS_MAX:
+                raise ValueError(
+                    f"SamplingParams: logit_bias[{t}] must be a number in [-100, 100], got {b!r}"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -207,6 +228,17 @@ def _col(values, logits: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each row's {token id: bias} to its logits, in one indexed add."""
+    entries = [(i, t, b) for i, row in enumerate(biases) for t, b in row.items()]
+    if not entries:
+        return logits
+    rows, cols, vals = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    values = torch.tensor(vals, dtype=logits.dtype, device=logits.device)
+    return logits.index_put(index, values, accumulate=True)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: on seen tokens, l < 0 -> l * r, else l / r."""
     r = _col(penalty, logits)
@@ -292,13 +324,18 @@ def process_logits(
     logits: torch.Tensor,
     params: SamplingParams | Sequence[SamplingParams],
     history: TokenHistory | Sequence[TokenHistory | None] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [B, V] -> fp32 logits [B, V] after every processor, in transformers' order; filtered
-    tokens are -inf. Greedy rows get the penalties only (as transformers' greedy search does).
+    tokens are -inf. Greedy rows get the logit bias, the penalties and the mask only (transformers'
+    greedy search applies no warpers).
     history: one TokenHistory of B rows, or one single-row TokenHistory (or None) per row (the engine's
-    sequences each keep their own)."""
+    sequences each keep their own). mask: [B, V] bool, True where a token is allowed (rows without a
+    constraint all True), or None."""
     rows = _per_row(params, logits.shape[0])
     x = logits.float()
+    if any(p.logit_bias for p in rows):
+        x = apply_logit_bias(x, [p.logit_bias for p in rows])
     if isinstance(history, TokenHistory):
         x = _penalise(x, rows, history)
     else:
@@ -308,6 +345,8 @@ def process_logits(
         for i, (p, h) in enumerate(zip(rows, per_row)):
             if h is not None and p.needs_history:
                 x[i : i + 1] = _penalise(x[i : i + 1], [p], h)
+    if mask is not None:
+        x = x.masked_fill(~mask, float("-inf"))
     sampling = [not p.greedy for p in rows]
     if not any(sampling):
         return x
@@ -329,16 +368,17 @@ def sample(
     params: SamplingParams | Sequence[SamplingParams],
     generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
     history: TokenHistory | Sequence[TokenHistory | None] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token per row: logits [B, V] -> ids [B] (int64).
 
     params: one SamplingParams for every row, or one per row. generators: one torch.Generator shared by
     all rows, one per row (None entries use torch's default generator), or None. history: the rows'
-    TokenHistory (or one per row, as process_logits takes), needed when a row uses a penalty. Greedy
-    rows take the argmax (first on ties)."""
+    TokenHistory (or one per row, as process_logits takes), needed when a row uses a penalty. mask: the
+    allowed tokens, [B, V] bool (process_logits). Greedy rows take the argmax (first on ties)."""
     b = logits.shape[0]
     rows = _per_row(params, b)
-    x = process_logits(logits, rows, history)
+    x = process_logits(logits, rows, history, mask)
     out = x.argmax(dim=-1)
     if all(p.greedy for p in rows):
         return out

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from qwen2.cli.eval import add_parser as _add_eval
+from qwen2.cli.synth import add_parser as _add_synth
 from qwen2.cli.upcycle import add_parser as _add_upcycle
 from qwen2.extras import MissingExtra
 
@@ -45,7 +46,20 @@ def _add_serve(sub):
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: the folder name)"
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 requests (visible to local users: prefer "
+        "--api-key-file or $QWEN2_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients may use without an API key (repeatable; localhost and IPs always)",
+    )
     p.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
     )
@@ -62,6 +76,22 @@ def _add_serve(sub):
         action="store_true",
         help="add Dual Chunk Attention to a checkpoint without it (4x its trained context; SPEC 3 defaults)",
     )
+    # Per-request caps and deadlines: qwen2.serve.limits.Limits holds the defaults; a cap broken is a 400
+    # naming its flag.
+    limit_flags = {
+        "max_pending": (int, "HTTP requests held at once, queued or generating (503 beyond; default 256)"),
+        "max_body_bytes": (int, "request body size in bytes (413 beyond; default 4 MiB)"),
+        "max_choices": (int, "prompts x n in one request (default 400)"),
+        "max_messages": (int, "chat messages in one request"),
+        "max_prompt_bytes": (int, "UTF-8 bytes of prompt / message text in one request"),
+        "max_prompt_tokens": (int, "prompt tokens in one request, all prompts together"),
+        "max_logprob_entries": (int, "response size: choices x scored tokens x (1 + top logprobs)"),
+        "header_timeout": (float, "seconds a client has to send a request's headers"),
+        "body_timeout": (float, "seconds a client has to send a request's body"),
+        "shutdown_timeout": (float, "seconds SIGTERM waits for requests in flight before cancelling them"),
+    }
+    for name, (kind, help_) in limit_flags.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
 
     def run(a):
         from qwen2.serve import serve
@@ -72,6 +102,9 @@ def _add_serve(sub):
             port=a.port,
             served_model_name=a.served_model_name,
             api_key=a.api_key,
+            api_key_file=a.api_key_file,
+            allowed_hosts=tuple(a.allowed_host),
+            limits={k: getattr(a, k) for k in limit_flags if getattr(a, k) is not None},
             dtype=a.dtype,
             dual_chunk_attention=a.dual_chunk_attention,
             max_num_seqs=a.max_num_seqs,
@@ -276,6 +309,7 @@ COMMANDS = [
     _add_speedrun,
     _add_upcycle,
     _add_eval,
+    _add_synth,
 ]
 
 

@@ -12,6 +12,13 @@ The Engine here adds requests (checked by sampling.check_prompt), samples each c
 next token (each sequence keeps its own penalty history, updated in place) and reports what every
 request produced. Requests join and leave between steps; `abort` frees a request's blocks at once.
 
+Sampling checks and constraints, per sequence within one batched call:
+- Non-finite logits (NaN / Inf from broken weights or a nonsensical config) are caught before sampling:
+  that request finishes with finish_reason "error" and `StepOutput.error` saying why; the others go on.
+- A response format (SamplingParams.grammar, qwen2.grammar) gives each sequence a matcher: the batch's
+  allowed-token masks are built in one call and applied in one op, the matcher advances on every token,
+  and a complete document finishes the request with "stop".
+
 At temperature 0 each request's tokens are the argmax of its own logits, whatever else is in the
 batch (rows never see each other: each row attends only to its own blocks), so they equal
 `qwen2.generate` on that request alone, up to float rounding of the batched matmuls.
@@ -28,6 +35,7 @@ from qwen2.engine.blocks import BlockManager
 from qwen2.engine.paged_cache import KVPool
 from qwen2.engine.runner import Runner
 from qwen2.engine.scheduler import Scheduler, Sequence
+from qwen2.grammar import token_mask
 from qwen2.sampling import SamplingParams, TokenHistory, check_prompt, sample
 
 
@@ -154,6 +162,7 @@ class Engine:
             prompt_logprobs,
             gen,
             history=history,
+            matcher=params.grammar.matcher() if params.grammar is not None else None,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -179,6 +188,17 @@ class Engine:
             max_new_tokens=params.max_new_tokens,
             limit=limit,
         )
+        v = self.config.vocab_size
+        bad = next((t for t in params.logit_bias if t >= v), None)
+        if bad is not None:
+            raise ValueError(
+                f"logit_bias: token id {bad} is outside the vocabulary [0, {v}) (vocab_size in config.json)"
+            )
+        if params.grammar is not None and params.grammar.vocab_size != v:
+            raise ValueError(
+                f"the response format was compiled for {params.grammar.vocab_size} tokens but the model has "
+                f"{v} (vocab_size in config.json): build the GrammarCompiler with the model's vocab_size"
+            )
         return prompt, params
 
     def abort(self, request_id: str) -> bool:
@@ -208,8 +228,9 @@ class Engine:
             self.stats.computed_tokens += n
             if seq.num_computed == len(seq.tokens):  # caught up: its last logits choose the next token
                 ready.append((seq, lg[-1]))
-        for (seq, lg), picked in zip(ready, self._pick(ready)):
-            outs.append(self._emit(seq, lg, picked))
+        picks, errors = self._pick(ready)
+        for i, ((seq, lg), picked) in enumerate(zip(ready, picks)):
+            outs.append(self._fail(seq, errors[i]) if i in errors else self._emit(seq, lg, picked))
         return outs
 
     def _prompt_logprobs(self, seq: Sequence, start: int, n: int, logits: torch.Tensor) -> None:
@@ -225,18 +246,45 @@ class Engine:
                     top = list(zip(ids.tolist(), vals.tolist()))
                 seq.prompt_lp.append(TokenLogprob(tok, lp[j, tok].item(), top))
 
-    def _pick(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[int, torch.Tensor] | None]:
+    def _pick(
+        self, ready: list[tuple[Sequence, torch.Tensor]]
+    ) -> tuple[list[tuple[int, torch.Tensor] | None], dict[int, str]]:
         """The next token of each caught-up sequence with qwen2.sampling's `sample`, one row per
-        sequence with its own params, generator and penalty history: (id, id as a [1] tensor), or
-        None for a sequence that only scores its prompt."""
-        rows = [s for s, _ in ready if s.max_tokens > 0]
-        picked = iter([])
-        if rows:
-            logits = torch.stack([lg for s, lg in ready if s.max_tokens > 0])  # [R, V]
-            histories = [s.history for s in rows] if any(s.history is not None for s in rows) else None
-            tokens = sample(logits, [s.sampling for s in rows], [s.generator for s in rows], histories)
-            picked = zip(tokens.tolist(), tokens.split(1))
-        return [next(picked) if s.max_tokens > 0 else None for s, _ in ready]
+        sequence with its own params, generator, penalty history and grammar mask: (id, id as a [1]
+        tensor), or None for a sequence that only scores its prompt or failed; and {index in `ready`:
+        why} for the sequences that failed (non-finite logits, a grammar with no way on)."""
+        errors: dict[int, str] = {}
+        if not ready:
+            return [], errors
+        last = torch.stack([lg for _, lg in ready])  # [N, V]
+        for i in (~torch.isfinite(last).all(dim=-1)).nonzero().flatten().tolist():
+            errors[i] = (
+                "the model produced non-finite logits (NaN or Inf) for this request: its weights or "
+                "config.json are broken (check the checkpoint for NaN/Inf tensors)"
+            )
+        idx = [i for i, (s, _) in enumerate(ready) if s.max_tokens > 0 and i not in errors]
+        if not idx:
+            return [None] * len(ready), errors
+        rows = [ready[i][0] for i in idx]
+        logits = last[idx]  # [R, V]
+        mask = None
+        if any(s.matcher is not None for s in rows):
+            mask = token_mask([s.matcher for s in rows], logits.shape[-1], logits.device)
+            for r in (~mask.any(dim=-1)).nonzero().flatten().tolist():
+                errors[idx[r]] = f"the response format allows no next token ({rows[r].matcher.error})"
+                mask[r] = True  # sampled but discarded: keeps the row's softmax finite
+        histories = [s.history for s in rows] if any(s.history is not None for s in rows) else None
+        tokens = sample(logits, [s.sampling for s in rows], [s.generator for s in rows], histories, mask)
+        picks: list[tuple[int, torch.Tensor] | None] = [None] * len(ready)
+        for i, t, tt in zip(idx, tokens.tolist(), tokens.split(1)):
+            picks[i] = None if i in errors else (t, tt)
+        return picks, errors
+
+    def _fail(self, seq: Sequence, error: str) -> StepOutput:
+        """Finish `seq` with finish_reason "error": its blocks are freed, the batch goes on without it."""
+        self.scheduler.finish(seq, "error")
+        del self.seqs[seq.request_id]
+        return StepOutput(seq.request_id, [], finished=True, finish_reason="error", error=error)
 
     def _emit(
         self, seq: Sequence, logits: torch.Tensor, picked: tuple[int, torch.Tensor] | None
@@ -254,7 +302,13 @@ class Engine:
             if seq.logprobs is not None:
                 out.logprobs = [token_logprob(logits, token, seq.logprobs)]
             reason = None
-            if token in seq.stop_token_ids:
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                self.scheduler.finish(seq, "error")
+                del self.seqs[seq.request_id]
+                out.finished, out.finish_reason = True, "error"
+                out.error = f"the response format refused token {token}: {seq.matcher.error}"
+                return out
+            if token in seq.stop_token_ids or (seq.matcher is not None and seq.matcher.done):
                 reason = "stop"
             elif len(seq.output) >= seq.max_tokens or len(seq.tokens) >= self.max_model_len:
                 reason = "length"

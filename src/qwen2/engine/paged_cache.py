@@ -67,9 +67,12 @@ class PagedBatch:
         """Write k, v [B, Hkv, T, d] to their slots; return the rows' k, v [B, Hkv, S, d]. (The slots
         were fixed when the batch was built; the view only says how much is read, always S here.)"""
         b, hkv, _, d = k.shape
+        # Slots past a row's last position (the scratch block, the stale tail of a reused block) get
+        # weight 0 from the mask, but 0 * NaN is NaN: zeroed, one request's NaN / Inf cannot reach another.
+        stale = torch.arange(self.seq_len, device=k.device) > view.positions.amax(dim=-1, keepdim=True)
         out = []
         for new, pool in ((k, self.pool.k[layer_idx]), (v, self.pool.v[layer_idx])):
             pool.view(-1, hkv, d)[self.slots] = new.transpose(1, 2).reshape(-1, hkv, d)
-            gathered = pool[self.block_tables]  # [B, nb, block_size, Hkv, d]
-            out.append(gathered.view(b, self.seq_len, hkv, d).transpose(1, 2))
+            gathered = pool[self.block_tables].view(b, self.seq_len, hkv, d)  # [B, S, Hkv, d]
+            out.append(gathered.masked_fill_(stale[:, :, None, None], 0).transpose(1, 2))  # a fresh copy
         return out[0], out[1]

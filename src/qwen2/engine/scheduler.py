@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2.engine.blocks import BlockManager, block_hashes
+from qwen2.grammar import Matcher
 from qwen2.sampling import SamplingParams, TokenHistory
 
 
@@ -52,6 +53,9 @@ class Sequence:
     # The penalties' token statistics (prompt + output so far): one [1, V] row kept up to date in place
     # by `append` when the params use a penalty; it survives preemption (the tokens do not change).
     history: TokenHistory | None = None
+    # The response format's position (qwen2.grammar.Matcher), advanced by the engine on each sampled
+    # token; like `history`, it survives preemption.
+    matcher: Matcher | None = None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)

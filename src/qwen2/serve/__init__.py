@@ -1,8 +1,10 @@
 """OpenAI-compatible serving over one continuous-batching Engine: `create_app(engine, tokenizer)` and
 `serve(model_dir)` (what `qwen2 serve` runs). Modules, bottom to top: protocol (schema, strict JSON,
-errors, SSE), engine_thread (the engine on its own thread), choices (one choice's text, stop strings,
-logprobs), server (the Server every endpoint shares), chat_completions / completions (the endpoints),
-page (the chat page at /), app (routes, serve). Nothing here imports app but this file."""
+errors, SSE), limits (per-request caps), guard (API key, cross-site defence), deadlines (read
+deadlines), engine_thread (the engine on its own thread: fair admission, faults), choices (one
+choice's text, stop strings, logprobs), server (the Server every endpoint shares), chat_completions /
+completions (the endpoints), page (the chat page at /), app (routes, serve). Nothing here imports app
+but this file."""
 
 import importlib
 

@@ -5,6 +5,10 @@ POST /v1/completions, and the chat page at GET /. Request bodies are read by han
 limit, strict JSON) and validated with protocol.py's models, so every bad request gets a 4xx in
 OpenAI's error body; a client that goes away has its requests aborted and their cache freed.
 
+Hardening (issue 18): heavy work off the event loop under per-request caps (server.py, limits.py),
+fair admission and engine faults contained to their requests (engine_thread.py), read deadlines
+(deadlines.py), and the site guard without an API key (guard.py).
+
 This module is the top of qwen2.serve: it imports the Server (server.py) and the endpoints, and nothing
 in the package imports it but __init__. `serve` lives here, not beside Server, because it calls
 create_app, which builds a Server: in server.py that would be an import circle.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import os
 
 import torch
@@ -27,29 +32,36 @@ from qwen2.engine.engine import Engine
 from qwen2.extras import require
 from qwen2.serve.chat_completions import chat_completions
 from qwen2.serve.completions import completions
+from qwen2.serve.deadlines import BodyDeadline, uvicorn_config
+from qwen2.serve.guard import resolve_api_key
+from qwen2.serve.limits import Limits
 from qwen2.serve.page import PAGE
-from qwen2.serve.protocol import APIError, ChatRequest, CompletionRequest, validate
+from qwen2.serve.protocol import APIError
 from qwen2.serve.server import Server
 from qwen2.tokenizer.bpe import load_tokenizer
+
+log = logging.getLogger("qwen2.serve")
 
 
 def create_app(
     engine, tokenizer, *, model_name: str = "qwen2", api_key: str | None = None, **limits
 ) -> FastAPI:
-    """The FastAPI app; `limits`: max_body_bytes, max_pending, tool_format (see Server)."""
+    """The FastAPI app; `limits`: limits.Limits' fields, tool_format, allowed_hosts (see Server)."""
     srv = Server(engine, tokenizer, model_name=model_name, api_key=api_key, **limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        srv.engine.close()
+        srv.close()
 
     app = FastAPI(title="qwen2", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = srv
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        # 408: the body never arrived, so the connection cannot carry another request.
+        headers = {"connection": "close"} if e.status == 408 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -63,7 +75,8 @@ def create_app(
         return JSONResponse(APIError(400, str(e)[:500]).body(), status_code=400)
 
     @app.exception_handler(Exception)
-    async def _bug(request, e):  # not bad input: a bug; still in OpenAI's shape
+    async def _bug(request, e):  # not bad input: a bug; still in OpenAI's shape, logged in one line
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
         error = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
         return JSONResponse(error.body(), status_code=500)
 
@@ -73,9 +86,17 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        if srv.engine.error is not None or not srv.engine.alive():
+        eng = srv.engine
+        if not eng.alive():
             raise APIError(503, "the engine thread has stopped", type="server_error", code="engine_down")
-        return {"status": "ok", "pending": srv.engine.pending()}
+        if not eng.healthy():
+            raise APIError(
+                503,
+                f"the engine's last {eng.failed_steps} steps failed: {eng.last_error}",
+                type="server_error",
+                code="engine_failing",
+            )
+        return {"status": "ok", "pending": eng.pending(), "last_error": eng.last_error}
 
     def card() -> dict:
         return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "qwen2"}
@@ -93,14 +114,13 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = validate(ChatRequest, await srv.body(request))
-        return await chat_completions(srv, req, request)
+        return await chat_completions(srv, await srv.body(request), request)
 
     @app.post("/v1/completions")
     async def complete(request: Request):
-        req = validate(CompletionRequest, await srv.body(request))
-        return await completions(srv, req, request)
+        return await completions(srv, await srv.body(request), request)
 
+    app.add_middleware(BodyDeadline, timeout=srv.limits.body_timeout)
     return app
 
 
@@ -111,18 +131,37 @@ def serve(
     port: int = 8000,
     served_model_name: str | None = None,
     api_key: str | None = None,
+    api_key_file: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
     dtype: str | None = None,
     dual_chunk_attention: bool = False,
+    limits: dict | None = None,
     **engine_kwargs,
 ) -> None:
-    """`qwen2 serve`: load the checkpoint and its tokenizer, and serve until interrupted."""
+    """`qwen2 serve`: load the checkpoint and its tokenizer, and serve until interrupted. The API key:
+    `api_key`, else `api_key_file`'s first line, else $QWEN2_API_KEY (guard.py); `limits`: limits.Limits'
+    fields."""
     # Here, not at the top: an optional dependency that create_app (tests, embedders) does not need.
     uvicorn = require("uvicorn", "serve", "serving over HTTP")
+    api_key = resolve_api_key(api_key, api_key_file)
+    Limits(**(limits or {}))  # a bad flag fails in one line now, not after the model has loaded
     model = load_model(
         model_dir, dtype=getattr(torch, dtype) if dtype else None, dual_chunk_attention=dual_chunk_attention
     ).eval()
     tokenizer = load_tokenizer(model_dir)
     tokenizer.check_vocab(model.config.vocab_size)
     name = served_model_name or os.path.basename(os.path.normpath(model_dir))
-    app = create_app(Engine(model, **engine_kwargs), tokenizer, model_name=name, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    bound = () if _is_any(host) else (host,)
+    app = create_app(
+        Engine(model, **engine_kwargs),
+        tokenizer,
+        model_name=name,
+        api_key=api_key,
+        allowed_hosts=(*allowed_hosts, *bound),
+        **(limits or {}),
+    )
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, limits=app.state.server.limits)).run()
+
+
+def _is_any(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")

@@ -15,7 +15,8 @@ import time
 from fastapi import Request
 
 from qwen2.serve.choices import Choice, chat_logprobs
-from qwen2.serve.protocol import DONE, APIError, ChatRequest, new_id, sse, streaming
+from qwen2.serve.limits import text_bytes
+from qwen2.serve.protocol import DONE, APIError, ChatRequest, new_id, parse_json, sse, streaming, validate
 from qwen2.serve.server import Server
 from qwen2.tokenizer.chat import encode_chat
 from qwen2.tokenizer.stream import TextStream
@@ -60,12 +61,25 @@ def split_tool_calls(srv: Server, text: str) -> tuple[str | None, list[dict]]:
     return (content or None), [dict(c.to_dict(), id=new_id("call")) for c in calls]
 
 
-async def chat_completions(srv: Server, req: ChatRequest, request: Request):
+def prepare(srv: Server, raw: bytes):
+    """Body bytes -> (request, prompt, tools on, max_tokens, k, choices, engine items): everything before
+    the engine, on a worker thread, each step bounded by a cap (limits.py) before it runs."""
+    body = parse_json(raw)
+    messages = body.get("messages")
+    if isinstance(messages, list):  # before validating 100,000 of them
+        srv.limits.check("max_messages", len(messages), "the number of messages", param="messages")
+    req = validate(ChatRequest, body)
     srv.check_model(req.model)
     stops = req.stops()
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    srv.limits.check("max_choices", req.n, "n", param="n")
+    size = text_bytes(m.text() for m in req.messages)
+    srv.limits.check("max_prompt_bytes", size, "the messages' text in bytes", param="messages")
     prompt, tools_on = chat_prompt(srv, req)
+    srv.limits.check(
+        "max_prompt_tokens", len(prompt), "the rendered conversation in tokens", param="messages"
+    )
     asked, param = (
         (req.max_completion_tokens, "max_completion_tokens")
         if req.max_completion_tokens
@@ -73,9 +87,18 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
     )
     max_tokens = srv.check_prompt(prompt, asked, param="messages", budget=param)
     k = (req.top_logprobs or 0) if req.logprobs else None
+    if k is not None:
+        entries = req.n * max_tokens * (1 + k)
+        srv.limits.check("max_logprob_entries", entries, "n x max_tokens x (1 + top_logprobs)", param=param)
     choices = [Choice(i, prompt, TextStream(srv.tokenizer, stops), srv.stop_ids) for i in range(req.n)]
+    items = srv.items(choices, req, max_tokens, logprobs=k)
+    return req, prompt, tools_on, max_tokens, k, choices, items
+
+
+async def chat_completions(srv: Server, raw: bytes, request: Request):
+    req, prompt, tools_on, max_tokens, k, choices, items = await srv.offload(prepare, srv, raw)
     queue: asyncio.Queue = asyncio.Queue()
-    srv.start(choices, queue, req, max_tokens, logprobs=k)
+    srv.start(choices, items, queue)
     rid, created = new_id("chatcmpl"), int(time.time())
     head = {"id": rid, "created": created, "model": srv.model_name, "system_fingerprint": None}
 
@@ -83,9 +106,7 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
         content, calls = split_tool_calls(srv, c.stream.text) if tools_on else (c.stream.text, [])
         return content, calls, ("tool_calls" if calls else c.finish_reason)
 
-    if not req.stream:
-        async for _ in srv.run(choices, queue, request):
-            pass
+    def reply() -> dict:
         body = []
         for c in choices:
             content, calls, reason = finish(c)
@@ -101,6 +122,11 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
                 }
             )
         return dict(head, object="chat.completion", choices=body, usage=srv.usage([prompt], choices))
+
+    if not req.stream:
+        async for _ in srv.run(choices, queue, request):
+            pass
+        return await srv.offload(lambda: srv.json(reply()))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -156,4 +182,4 @@ async def chat_completions(srv: Server, req: ChatRequest, request: Request):
             yield sse(dict(head, object="chat.completion.chunk", choices=[], usage=usage))
         yield DONE
 
-    return streaming(events())
+    return streaming(srv.stream(events()))

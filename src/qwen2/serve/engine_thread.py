@@ -1,14 +1,22 @@
 """The bridge between asyncio request handlers and the Engine, which runs `step()` on its own thread.
 
-One thread owns the model. Handlers `submit` a request and read its `StepOutput`s from an asyncio
-queue; the engine thread steps while there is work and sleeps on an event when there is none.
-`submit` never waits for a step: it checks the request (Engine.check_request), puts it in an inbox and
-returns; the engine thread moves the inbox into the engine between steps, so requests that arrive
-during a step join the next one together. (Taking the step's lock in `submit` blocked the event loop
-for a step per request, and threading.Lock is not fair: under load the engine thread re-took it
-first, and 16 clients waited ~20 s for their first token.) A lock serialises the step with `abort`,
-so `abort` returns with the request's blocks already free (after at most the step in flight).
-Overload is refused at `submit`, at once, instead of queueing without bound.
+One thread owns the engine: it alone calls add_request, abort and step. Handlers `submit` a request's
+choices (already checked by Engine.check_request, off the event loop) and read their `StepOutput`s from
+an asyncio queue; `submit` and `abort` only put work in a box under a short lock and never wait for a
+step (waiting for the step's lock blocked the event loop for a step per call, and threading.Lock is not
+fair). Between steps the engine thread applies the aborts and feeds the engine.
+
+Fairness: `max_pending` counts HTTP requests, not choices, so a request with many prompts takes one
+slot; and the thread feeds the engine at most max_num_seqs choices at a time, one from each request in
+turn (round robin), so a request that arrives behind a 400-choice one gets the next free sequence slot
+instead of waiting for all 400.
+
+Faults: a step that raises fails the requests in it (the scheduler's running ones), with a
+StepOutput whose `error` says why, logs one line, and the thread goes on serving. `healthy()` is false
+only while the thread is dead or the last few steps all failed.
+
+Threads: torch's intra-op thread count is per calling thread under OpenMP; the engine thread sets it to
+the process's count (torch.get_num_threads() where the AsyncEngine is built) before its first step.
 """
 
 from __future__ import annotations
@@ -17,10 +25,15 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections import OrderedDict, deque
+
+import torch
 
 from qwen2.engine.engine import Engine, StepOutput
 
 log = logging.getLogger("qwen2.serve")
+
+FAILED_STEPS_UNHEALTHY = 3  # consecutive failed steps after which /health says 503
 
 
 class Overloaded(Exception):
@@ -28,88 +41,175 @@ class Overloaded(Exception):
 
 
 class AsyncEngine:
-    """Runs `engine.step()` on a background thread; `max_pending` bounds the requests held at once."""
+    """Runs `engine.step()` on a background thread; `max_pending` bounds the HTTP requests held at once."""
 
     def __init__(self, engine: Engine, *, max_pending: int = 256):
         self.engine, self.max_pending = engine, max_pending
-        self._lock = threading.Lock()  # held by a step; abort takes it
-        self._inbox: list[tuple[str, list[int], dict]] = []  # checked requests not yet in the engine
-        self._inbox_lock = threading.Lock()  # guards _inbox; never held across a step
-        self._ids = itertools.count()
-        self._work = threading.Event()
+        self.feed = engine.scheduler.max_num_seqs  # choices in the engine at once; the rest wait here
+        self.num_threads = torch.get_num_threads()
+        self._lock = threading.Lock()  # guards everything below; never held across a step
+        self._waiting: OrderedDict[int, deque] = OrderedDict()  # request -> its choices not yet fed
+        self._groups: dict[int, set[str]] = {}  # open requests -> their unfinished choice ids
+        self._group_of: dict[str, int] = {}
+        self._aborts: list[str] = []
+        self._abort_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids, self._gids = itertools.count(), itertools.count()
+        self._work = threading.Event()
         self._stop = False
-        self.error: BaseException | None = None
+        self.failed_steps = 0  # consecutive
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen2-engine", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, prompt: list[int], queue: asyncio.Queue | None = None, **kwargs
-    ) -> tuple[str, asyncio.Queue]:
-        """Queue one request (Engine.add_request's arguments); returns its id and the queue its outputs
-        go to (`queue`, which several requests may share, or a new one). Raises Overloaded when
-        `max_pending` requests are in flight, ValueError for a request the engine refuses."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = queue if queue is not None else asyncio.Queue()
-        prompt, params = self.engine.check_request(prompt, kwargs.pop("params", None))
-        with self._inbox_lock:
-            if self.pending() >= self.max_pending:
-                raise Overloaded(f"the server holds {self.max_pending} requests already; retry later")
-            rid = f"srv-{next(self._ids)}"
-            self._queues[rid] = (loop, q)
-            self._inbox.append((rid, prompt, dict(kwargs, params=params)))
-            self._work.set()
-        return rid, q
+    def check(self, prompt: list[int], params) -> tuple[list[int], object]:
+        """Engine.check_request (thread-safe: it reads only what never changes)."""
+        return self.engine.check_request(prompt, params)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its cache blocks (a no-op when it has finished)."""
-        with self._inbox_lock:
-            self._queues.pop(request_id, None)
-            self._inbox = [r for r in self._inbox if r[0] != request_id]
-        with self._lock:  # if the engine thread took it from the inbox, it is in the engine now
-            self.engine.abort(request_id)
+    def submit(
+        self, items: list[tuple[list[int], dict]], queue: asyncio.Queue, loop: asyncio.AbstractEventLoop
+    ) -> list[str]:
+        """Queue one HTTP request's choices, each (prompt, Engine.add_request kwargs) already checked;
+        their outputs go to `queue` on `loop`. Returns their ids. Raises Overloaded when `max_pending`
+        requests are held."""
+        with self._lock:
+            if len(self._groups) >= self.max_pending:
+                raise Overloaded(f"the server holds {self.max_pending} requests already; retry later")
+            gid = next(self._gids)
+            rids = [f"srv-{next(self._ids)}" for _ in items]
+            self._waiting[gid] = deque((rid, p, kw) for rid, (p, kw) in zip(rids, items))
+            self._groups[gid] = set(rids)
+            for rid in rids:
+                self._group_of[rid] = gid
+                self._queues[rid] = (loop, queue)
+            self._work.set()
+        return rids
+
+    def abort(self, request_ids: list[str]) -> asyncio.Future | None:
+        """Stop requests (finished ones: a no-op); the engine thread frees their blocks before its next
+        step, so the event loop never waits for a step. Called from a running loop, returns a future that
+        is done once they are free (await it to answer only after)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        done = loop.create_future() if loop is not None else None
+        with self._lock:
+            for rid in request_ids:
+                if self._forget(rid):
+                    self._aborts.append(rid)
+            if done is not None:
+                self._abort_waiters.append((loop, done))
+            self._work.set()
+        return done
+
+    def _forget(self, rid: str) -> bool:
+        """Drop a choice from the books (lock held); False when it was not there."""
+        self._queues.pop(rid, None)
+        gid = self._group_of.pop(rid, None)
+        if gid is None:
+            return False
+        left = self._groups[gid]
+        left.discard(rid)
+        waiting = self._waiting.get(gid)
+        if waiting is not None:
+            waiting_ids = [r for r in waiting if r[0] != rid]
+            if len(waiting_ids) != len(waiting):
+                self._waiting[gid] = deque(waiting_ids)
+            if not self._waiting[gid]:
+                del self._waiting[gid]
+        if not left:
+            del self._groups[gid]
+        return True
 
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def healthy(self) -> bool:
+        return self.alive() and self.failed_steps < FAILED_STEPS_UNHEALTHY
+
     def pending(self) -> int:
-        return len(self.engine.seqs) + len(self._inbox)
+        """HTTP requests held (queued or generating)."""
+        return len(self._groups)
 
     def close(self) -> None:
         self._stop = True
         self._work.set()
         self._thread.join(timeout=10)
 
+    def _take(self) -> list[tuple[str, list[int], dict]]:
+        """Choices to feed the engine now, round robin over requests (lock held)."""
+        room, out = self.feed - len(self.engine.seqs), []
+        while room > 0 and self._waiting:
+            gid, waiting = next(iter(self._waiting.items()))
+            out.append(waiting.popleft())
+            room -= 1
+            if waiting:
+                self._waiting.move_to_end(gid)
+            else:
+                del self._waiting[gid]
+        return out
+
+    def _step(self) -> list[StepOutput]:
+        try:
+            outs = self.engine.step()
+        except Exception as e:  # a bug or a fault, not bad input: fail the requests in the step, go on
+            self.failed_steps += 1
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            # The step's batch came from the running list; if it failed before admitting any, fail all
+            # (a step that fails with nothing to drop would fail again at once, for ever).
+            failed = [s.request_id for s in self.engine.scheduler.running] or list(self.engine.seqs)
+            log.error("engine step failed (%s); failing the %d requests in it", self.last_error, len(failed))
+            log.debug("engine step failure", exc_info=True)
+            for rid in failed:
+                self.engine.abort(rid)
+            return [
+                StepOutput(rid, [], finished=True, finish_reason="error", error=self.last_error)
+                for rid in failed
+            ]
+        if outs:
+            self.failed_steps = 0
+        return outs
+
     def _loop(self) -> None:
+        torch.set_num_threads(self.num_threads)  # per thread under OpenMP: this one had the default
         while True:
             self._work.wait()
             if self._stop:
                 return
             with self._lock:
-                with self._inbox_lock:
-                    arrived, self._inbox = self._inbox, []
-                for rid, prompt, kwargs in arrived:  # checked at submit: this does not fail on the request
-                    self.engine.add_request(prompt, request_id=rid, **kwargs)
+                aborts, self._aborts = self._aborts, []
+                waiters, self._abort_waiters = self._abort_waiters, []
+                arrived = self._take()
+            for rid in aborts:
+                self.engine.abort(rid)
+            for loop, fut in waiters:
                 try:
-                    outs = self.engine.step()
-                except BaseException as e:  # a bug, not bad input: fail every request in flight, keep serving
-                    log.exception("engine step failed")
-                    self.error = e
-                    outs = [
-                        StepOutput(rid, [], finished=True, finish_reason="error")
-                        for rid in list(self.engine.seqs)
-                    ]
-                    for o in outs:
-                        self.engine.abort(o.request_id)
+                    loop.call_soon_threadsafe(_resolve, fut)
+                except RuntimeError:  # its loop has closed
+                    pass
+            for rid, prompt, kwargs in arrived:  # checked at submit: this does not fail on the request
+                self.engine.add_request(prompt, request_id=rid, **kwargs)
+            outs = self._step()
+            with self._lock:
                 for o in outs:
                     entry = self._queues.get(o.request_id)
-                    if entry is not None:
-                        if o.finished:
-                            del self._queues[o.request_id]
-                        try:
-                            entry[0].call_soon_threadsafe(entry[1].put_nowait, o)
-                        except RuntimeError:  # its event loop has closed: nobody is listening
-                            self.engine.abort(o.request_id)
-                with self._inbox_lock:  # with submit's set() under the same lock, no wake-up is lost
-                    if not self._inbox and not self.engine.has_unfinished():
-                        self._work.clear()
+                    if o.finished:
+                        self._forget(o.request_id)
+                    if entry is None:
+                        continue
+                    try:
+                        entry[0].call_soon_threadsafe(entry[1].put_nowait, o)
+                    except RuntimeError:  # its event loop has closed: nobody is listening
+                        if not o.finished:
+                            self._forget(o.request_id)
+                            self._aborts.append(o.request_id)
+                # With submit's set() under the same lock, no wake-up is lost.
+                idle = not (self._waiting or self._aborts or self._abort_waiters)
+                if idle and not self.engine.has_unfinished():
+                    self._work.clear()
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
