@@ -291,7 +291,8 @@ def test_resume_after_kill_9_skips_finished_items(tmp_path):
         cmd = [
             sys.executable,
             "-m",
-            "qwen2.cli.synth",
+            "qwen2.cli",
+            "synth",
             "rejection",
             str(inp),
             "--out",
@@ -349,7 +350,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         [
             sys.executable,
             "-m",
-            "qwen2.cli.synth",
+            "qwen2.cli",
+            "synth",
             "select",
             str(bad),
             "--out",

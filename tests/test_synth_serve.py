@@ -23,7 +23,8 @@ def test_rejection_against_qwen2_serve(tmp_path, start_server, tok):
     cmd = [
         sys.executable,
         "-m",
-        "qwen2.cli.synth",
+        "qwen2.cli",
+        "synth",
         "rejection",
         str(inp),
         "--out",
