@@ -127,12 +127,11 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, mod
     )
 
 
-def model_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain Qwen2 holding the full tensors of `state` (built on the meta device, assigned: no copy)."""
-    from qwen2.model import Qwen2
-
+def model_from_state(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unwrapped) model of `like`'s class and config holding the full tensors of `state` (built
+    on the meta device, assigned: no copy). The class matters: a RewardModel has `score`, no lm_head."""
     with torch.device("meta"):
-        plain = Qwen2(config)
+        plain = type(like)(like.config)
     plain.load_state_dict(state, assign=True, strict=True)
     return plain
 
@@ -145,4 +144,4 @@ def gather_model(model: nn.Module, *, sharded: bool, is_main: bool) -> nn.Module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model_from_state(model.config, sd) if is_main else None
+    return model_from_state(model, sd) if is_main else None

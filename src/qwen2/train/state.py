@@ -166,7 +166,7 @@ def save_checkpoint(trainer, loader) -> Path | None:
         tmp = root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
         # The HF export: a meta-device model takes the gathered full tensors (no copy), then save_model.
-        save_model(model_from_state(trainer.model.config, state["model"]), tmp / "model")
+        save_model(model_from_state(trainer.model, state["model"]), tmp / "model")
         _write_state(state["optimizer"], tmp, "optimizer")
         _write_state(gathered, tmp, "ranks")
         (tmp / "trainer.json").write_text(json.dumps({k: state[k] for k in INFO_KEYS}, indent=2))
