@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from qwen2.cli.eval import add_parser as _add_eval
+from qwen2.cli.posttrain import add_parsers as _add_posttrain
 from qwen2.cli.synth import add_parser as _add_synth
 from qwen2.cli.upcycle import add_parser as _add_upcycle
 from qwen2.extras import MissingExtra
@@ -307,6 +308,7 @@ COMMANDS = [
     _add_tokenizer,
     _add_pretrain,
     _add_speedrun,
+    _add_posttrain,
     _add_upcycle,
     _add_eval,
     _add_synth,

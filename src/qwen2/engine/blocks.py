@@ -98,6 +98,11 @@ class BlockManager:
                 self.free[b] = None
         table.clear()
 
+    def forget_prefixes(self) -> None:
+        """Drop every block's name: cached prefixes no longer match (their KV came from old weights)."""
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     def name(self, block: int, h: bytes) -> None:
         """Record that `block` now holds the full block named `h` (first holder wins)."""
         if h not in self.by_hash and block not in self.hash_of:

@@ -210,6 +210,13 @@ class Engine:
         seq.finish_reason = "abort"
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Call after the model's weights change in place (online DPO shares the trainer's model): the
+        cached prefixes' keys and values were computed by the old weights, so none may be reused."""
+        if self.seqs:
+            raise RuntimeError("reset_prefix_cache: requests are running; call it between generations")
+        self.blocks.forget_prefixes()
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 

@@ -58,6 +58,11 @@ class TrainConfig:
     ckpt_every: int = 0  # optimizer steps between checkpoints (0: only at the end of fit)
     keep_last: int = 2
     seed: int = 0
+    # adamw | ondare | onties: the last two are the Online Merging Optimizer (merging.py, SPEC 4), which
+    # needs the task vector (Trainer's `task_vector`); defaults from the OMO paper's reference script
+    optimizer: str = "adamw"
+    merge_alpha: float = 1e-7  # weight of the task vector in each step's merge
+    merge_reserve: float = 0.01  # reserve rate p: the fraction each mask keeps
 
     def validate(self, source: str = "TrainConfig"):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -66,12 +71,56 @@ class TrainConfig:
             raise ValueError(f"{source}: precision must be fp32 or bf16, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"{source}: parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"{source}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
 
 
 # ---- optimizer and schedule --------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "ondare", "onties")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, task_vector: dict | None):
+    """AdamW, or the Online Merging Optimizer over the same groups. `task_vector`: {parameter name:
+    θ_ref - θ_base} (merging.task_vectors by name); under FSDP2 each is sharded like its parameter."""
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=True)
+    from qwen2.train.merging import OnlineMergingOptimizer
+
+    if task_vector is None:
+        raise ValueError(
+            f"optimizer {cfg.optimizer!r} merges with the task vector (reference - base): "
+            "pass Trainer(task_vector=...) (qwen2 dpo / online-dpo: the `base_model` field)"
+        )
+    tau = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if name not in task_vector:
+                raise KeyError(f"task_vector has no {name!r}: build it from models of this architecture")
+            t = task_vector[name].detach().to(p.device, p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP2 DTensor: shard the task vector the same way
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t, p.device_mesh, p.placements)
+            tau[p] = t
+    return OnlineMergingOptimizer(
+        groups,
+        tau,
+        method=cfg.optimizer,
+        lr=cfg.lr,
+        betas=betas,
+        eps=cfg.eps,
+        reserve_p=cfg.merge_reserve,
+        alpha=cfg.merge_alpha,
+    )  # DARE masks from the global torch RNG: per rank, restored by checkpoints with the other RNG states
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: matrices decay; norms, biases (every 1-D tensor) and the token embedding do not.
 
@@ -102,7 +151,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 # ---- the trainer -------------------------------------------------------------------------------
 # Settings fixed when the Trainer is built (they wrap or rewrite modules); a stage may change the rest.
-STRUCTURAL = ("activation_checkpointing", "parallel")
+STRUCTURAL = ("activation_checkpointing", "parallel", "optimizer")
 
 
 class Trainer:
@@ -115,7 +164,13 @@ class Trainer:
     """
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, run_dir: str | os.PathLike, *, stage: str = "train"
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        run_dir: str | os.PathLike,
+        *,
+        stage: str = "train",
+        task_vector: dict | None = None,
     ):
         cfg.validate()
         self.cfg, self.run_dir, self.stage = cfg, Path(run_dir), stage
@@ -129,13 +184,7 @@ class Trainer:
             activation_checkpointing=cfg.activation_checkpointing,
             device=self.device,
         )
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            foreach=True,
-        )
+        self.optimizer = build_optimizer(self.model, cfg, task_vector)
         self.step = 0  # optimizer steps done, counted across stages
         self.stage_start = 0  # global step at which the current stage began (its schedule's step 0)
         self.tokens = 0  # tokens trained on, all ranks

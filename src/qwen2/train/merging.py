@@ -71,6 +71,11 @@ def _rescale(masked: torch.Tensor, l1: torch.Tensor, eps: float, clip: float | N
     return out.clamp(-clip, clip) if clip is not None else out
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class OnlineMergingOptimizer(torch.optim.Optimizer):
     """OnDARE / OnTIES AdamW (see the module docstring).
 
@@ -113,7 +118,9 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
                             f"{tuple(p.shape)} has no task vector in `tau`; build tau with "
                             "task_vectors(model, base, reference) over the same model"
                         )
-                    self.state[p]["tau"] = self._mask_tau(tau[p].detach().to(p.device, p.dtype))
+                    t = tau[p].detach().to(p.device, p.dtype).clone()
+                    _local(t).copy_(self._mask_tau(_local(t)))  # under FSDP2: each rank masks its shard
+                    self.state[p]["tau"] = t
 
     def _mask_tau(self, t: torch.Tensor) -> torch.Tensor:
         if self.method == "ondare":
@@ -139,12 +146,15 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                t = state["step"]
+                # FSDP2: every tensor here is a DTensor sharded alike; the arithmetic runs on the shards
+                p_, m, v, g, tau = (
+                    _local(x) for x in (p, state["exp_avg"], state["exp_avg_sq"], p.grad, state["tau"])
+                )
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
                 delta = m / (v.sqrt() + group["eps"]) * -step_size
-                tau = state["tau"]
                 if self.method == "ondare":
                     masked = dare_mask(delta, self.reserve_p, self.generator)
                     if self.rescale:
@@ -154,9 +164,9 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
                     masked = magnitude_mask(delta, self.reserve_p)
                     if self.rescale:
                         masked = _rescale(masked, delta.abs().sum(), 0.0, None)
-                    sign = torch.where(tau + masked >= 0, 1.0, -1.0).to(p.dtype)  # the majority sign
+                    sign = torch.where(tau + masked >= 0, 1.0, -1.0).to(p_.dtype)  # the majority sign
                     update = a * tau * (tau.sign() == sign) + (1 - a) * masked * (masked.sign() == sign)
-                p.add_(update)
+                p_.add_(update)
                 if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])  # decoupled, after the merge
+                    p_.add_(p_, alpha=-group["lr"] * group["weight_decay"])  # decoupled, after the merge
         return loss

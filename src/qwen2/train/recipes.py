@@ -98,6 +98,106 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"{source}: long_fraction must be in [0, 1), got {self.long_fraction}")
 
 
+# ---- post-training (paper section 4; SPEC 4, 7) -----------------------------------------------------
+@dataclass
+class PostTrainConfig(TrainConfig):
+    """What every post-training command shares: the loop's fields plus the starting checkpoint, the
+    conversation file, the run folder and the length of a pass. `qwen2 sft|reward|dpo|online-dpo`."""
+
+    model: str = "runs/speedrun/model"  # the starting Hugging Face checkpoint (its tokenizer beside it)
+    data: str = ""  # a .jsonl / .parquet file of TRL's conversational records
+    out: str = "runs/posttrain"
+    epochs: float = 2.0
+    steps: int = 0  # 0: as many optimizer steps as `epochs` passes over the data take
+    max_len: int = 2048  # tokens per conversation (longer ones are cut)
+    heldout_fraction: float = 0.05
+    eval_batches: int = 4
+    batch_size: int = 8
+    warmup_steps: int = 0
+    ckpt_every: int = 100
+
+    def validate(self, source: str = "PostTrainConfig"):
+        super().validate(source)
+        if self.epochs <= 0 and self.steps <= 0:
+            raise ValueError(f"{source}: set epochs > 0 or steps > 0")
+        if self.max_len < 2:
+            raise ValueError(f"{source}: max_len must be >= 2, got {self.max_len}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"{source}: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
+class SFTConfig(PostTrainConfig):
+    """SFT as the paper (SPEC 7): 2 epochs, LR decaying from 7e-6 to 7e-7 (linear), weight decay 0.1,
+    clip 1.0, 32,768-token sequences; the loss on assistant tokens only."""
+
+    out: str = "runs/sft"
+    lr: float = 7e-6
+    min_lr_ratio: float = 0.1
+    schedule: str = "linear"
+    max_len: int = 32_768
+    packing: bool = False  # several conversations per row, attention kept inside each
+
+
+@dataclass
+class RewardConfig(PostTrainConfig):
+    """The reward model: the SFT body + a scalar head, Bradley-Terry loss on preference pairs. The paper
+    gives no settings; one epoch and TRL's RewardConfig learning rate."""
+
+    out: str = "runs/reward"
+    epochs: float = 1.0
+    lr: float = 1e-5
+    schedule: str = "linear"
+    min_lr_ratio: float = 0.0
+    center_coef: float = 0.0  # TRL's center_rewards_coefficient (0: off)
+
+
+@dataclass
+class DPOConfig(PostTrainConfig):
+    """Offline DPO: sigmoid loss, beta 0.1 and the Online Merging paper's script (LR 1e-6 cosine, 2 epochs;
+    Qwen2 gives none). The reference is the starting (SFT) model unless `reference` is set; optimizer
+    ondare / onties merge toward the task vector SFT - `base_model` (the pre-trained checkpoint)."""
+
+    out: str = "runs/dpo"
+    lr: float = 1e-6
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    reference: str | None = None
+    base_model: str | None = None
+
+    def validate(self, source: str = "DPOConfig"):
+        super().validate(source)
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"{source}: loss_type must be sigmoid or ipo, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ValueError(f"{source}: beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class OnlineDPOConfig(DPOConfig):
+    """Online DPO: each step samples `samples` replies per prompt with our Engine, the reward model's best
+    and worst make the pair. `steps` counts optimizer steps (episodes); `epochs` passes over the prompts."""
+
+    out: str = "runs/online-dpo"
+    epochs: float = 1.0
+    reward_model: str = ""
+    samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_tries: int = 4  # rounds of prompts drawn to fill a batch when replies tie
+    heldout_fraction: float = 0.0
+
+    def validate(self, source: str = "OnlineDPOConfig"):
+        super().validate(source)
+        if self.samples < 2:
+            raise ValueError(f"{source}: samples must be >= 2 (a pair is the best and worst of them)")
+        if self.temperature <= 0:
+            raise ValueError(f"{source}: temperature must be > 0 (greedy samples would all tie)")
+
+
 # ---- model shapes for training from scratch ------------------------------------------------------
 def speedrun_model(vocab_size: int) -> ModelConfig:
     """~2.6M parameters (1.0M in the embedding at an 8k vocabulary): hidden 128, 6 layers, 4 query
@@ -173,11 +273,19 @@ def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | No
     )
 
 
-RECIPES = {"pretrain": pretrain, "speedrun": speedrun}
+RECIPES = {
+    "pretrain": pretrain,
+    "speedrun": speedrun,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "online-dpo": OnlineDPOConfig,
+}
 
 
-def load_recipe(path: str | Path) -> PretrainConfig:
-    """A flat YAML file: `recipe: speedrun` (optional) and fields of the recipe's config to override."""
+def load_recipe(path: str | Path, default: str = "pretrain"):
+    """A flat YAML file: `recipe: NAME` (optional; `default` when absent) and fields of the recipe's
+    config to override."""
     yaml = require("yaml", "train", f"{path}: reading a YAML recipe")
 
     path = Path(path)
@@ -186,7 +294,7 @@ def load_recipe(path: str | Path) -> PretrainConfig:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a flat mapping of field: value")
-    name = data.pop("recipe", "pretrain")
+    name = data.pop("recipe", default)
     if name not in RECIPES:
         raise ValueError(f"{path}: recipe {name!r} is not one of {', '.join(RECIPES)}")
     return override(RECIPES[name](), data, source=str(path))
