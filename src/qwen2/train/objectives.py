@@ -4,7 +4,8 @@ Next-token prediction (paper section 3: pre-training and the long-context stage)
 losses.linear_cross_entropy. Departure: the loss is the mean over the micro-batch's target tokens; the
 loop averages micro-batches and ranks with equal weight (exact for packed pre-training, where every
 row has T targets). The MoE auxiliary load-balancing loss (SPEC 2.7) is added when the model is a
-Qwen2-MoE.
+Qwen2-MoE, computed per micro-batch on each rank (as transformers does), and the experts' load is logged
+(moe_stats: `moe/max_load`, `moe/min_load`, `moe/load_cv`; the run's per-layer load summed on the model).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen2.train import moe_stats
 from qwen2.train.losses import IGNORE_INDEX, chunk_rows_for, linear_cross_entropy, load_balancing_loss
 
 
@@ -63,7 +65,12 @@ def next_token_loss(model, batch, chunk_rows: int | None = None):
     loss = linear_cross_entropy(h, model.output_weight, targets, chunk_rows)
     metrics = {"loss": loss.detach()}
     if router_logits:
-        aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok)
+        top_k = model.config.num_experts_per_tok
+        aux = load_balancing_loss(router_logits, top_k)
         metrics["aux_loss"] = aux.detach()
+        load = moe_stats.expert_load(router_logits, top_k)
+        metrics.update(moe_stats.load_summary(load))
+        if model.training:  # the run's histogram: training steps only, not evaluation
+            moe_stats.accumulate(model, load)
         loss = loss + model.config.router_aux_loss_coef * aux
     return loss, metrics

@@ -66,9 +66,7 @@ class OnlinePairs:
             score,
         )
         self.cfg, self.rank = cfg, rank
-        self.stream = ExampleLoader(
-            len(prompts), lambda micro, whole: micro, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed
-        )
+        self.stream = ExampleLoader.for_run(cfg, len(prompts), lambda micro, whole: micro, rank, world)
         self.engine = Engine(
             policy,
             max_num_seqs=max(1, cfg.batch_size * cfg.samples),
@@ -105,7 +103,8 @@ class OnlinePairs:
             room = self.cfg.max_len - len(ids)
             if room < 1:
                 raise ValueError(
-                    f"online-dpo: a prompt of {len(ids)} tokens leaves no room under max_len {self.cfg.max_len}"
+                    f"online-dpo: a prompt of {len(ids)} tokens leaves no room to reply within "
+                    f"max_len {self.cfg.max_len}"
                 )
             for j in range(k):
                 n = min(room, self.params.max_new_tokens)

@@ -58,6 +58,11 @@ class ExampleLoader:
         self.micro = 0  # micro-batches this rank has produced
         self._perms: dict[int, list[int]] = {}
 
+    @classmethod
+    def for_run(cls, cfg, n: int, collate, rank: int, world: int) -> ExampleLoader:
+        """The loader a post-training config asks for (its batch size, accumulation and seed)."""
+        return cls(n, collate, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed)
+
     @property
     def step_size(self) -> int:
         """Records per optimizer step, all ranks."""
@@ -290,15 +295,7 @@ def _sft(cfg: SFTConfig, tok, policy, pad_id, rank, world, device):
     examples = load_sft(cfg.data, tok, cfg.max_len)
     train, held = split_heldout(examples, cfg.heldout_fraction, cfg.seed)
     parts = cfg.grad_accum * world
-    loader = ExampleLoader(
-        len(train),
-        sft_collate(train, cfg, pad_id, parts),
-        cfg.batch_size,
-        cfg.grad_accum,
-        rank,
-        world,
-        cfg.seed,
-    )
+    loader = ExampleLoader.for_run(cfg, len(train), sft_collate(train, cfg, pad_id, parts), rank, world)
     held_batches = _held_out_batches(held, sft_collate(held, cfg, pad_id, 1), cfg) if held else []
     return policy, sft_objective, loader, _eval(held_batches), len(train), {}
 
@@ -317,9 +314,7 @@ def _reward(cfg: RewardConfig, tok, policy, pad_id, rank, world, device):
     train, held = _pairs(cfg, tok)
     model = RewardModel.from_causal_lm(policy, pad_id, torch.Generator().manual_seed(cfg.seed))
     del policy
-    loader = ExampleLoader(
-        len(train), pair_collate(train, pad_id), cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed
-    )
+    loader = ExampleLoader.for_run(cfg, len(train), pair_collate(train, pad_id), rank, world)
     held_batches = _held_out_batches(held, pair_collate(held, pad_id), cfg) if held else []
     objective = reward_objective(cfg.center_coef or None)
     return model, objective, loader, _eval(held_batches), len(train), {}
@@ -334,15 +329,7 @@ def _dpo(cfg: DPOConfig, tok, policy, pad_id, rank, world, device):
     ref_train = reference_logps(reference, train, pad_id, bs, rank, world, device)
     ref_held = reference_logps(reference, held, pad_id, bs, rank, world, device) if held else None
     del reference
-    loader = ExampleLoader(
-        len(train),
-        pair_collate(train, pad_id, ref_train),
-        cfg.batch_size,
-        cfg.grad_accum,
-        rank,
-        world,
-        cfg.seed,
-    )
+    loader = ExampleLoader.for_run(cfg, len(train), pair_collate(train, pad_id, ref_train), rank, world)
     held_batches = _held_out_batches(held, pair_collate(held, pad_id, ref_held), cfg) if held else []
     objective = dpo_objective(beta=cfg.beta, loss_type=cfg.loss_type)
     return policy, objective, loader, _eval(held_batches), len(train), {}
