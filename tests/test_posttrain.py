@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from posttrain_data import make_world
 
+from posttrain_data import make_world
 from qwen2.train.posttrain import ExampleLoader, run_posttrain
 from qwen2.train.recipes import DPOConfig, RewardConfig, SFTConfig
 
