@@ -239,10 +239,13 @@ def _add_pretrain(sub):
     )
 
     def run(a):
-        from qwen2.train.recipes import load_recipe, override, pretrain
+        from qwen2.train.recipes import PretrainConfig, load_recipe, override, pretrain
         from qwen2.train.speedrun import pretrain_and_report
 
         cfg = load_recipe(a.config) if a.config else pretrain()
+        if not isinstance(cfg, PretrainConfig):
+            name = type(cfg).__name__
+            raise ValueError(f"{a.config}: a {name} recipe runs with its own command, not pretrain")
         if a.out:
             cfg = override(cfg, {"out": a.out})
         report = pretrain_and_report(cfg, resume=not a.no_resume)
