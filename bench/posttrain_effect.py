@@ -25,134 +25,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import table  # noqa: E402
-from qwen2.checkpoint import load_model  # noqa: E402
 from qwen2.data import tasks  # noqa: E402
-from qwen2.tokenizer.bpe import load_tokenizer  # noqa: E402
-from qwen2.tokenizer.chat import encode_chat  # noqa: E402
 from qwen2.train import recipes  # noqa: E402
 from qwen2.train.posttrain import run_posttrain  # noqa: E402
-
-FAMILIES = ("arithmetic", "strings")
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def pretrain(out: Path, steps: int, seed: int) -> Path:
-    """A base model from the speedrun recipe on a corpus of problems as text plus Python source."""
-    from qwen2.data.corpus import default_corpus_files
-    from qwen2.train.pretrain import _thin, run_pretrain
-
-    corpus = out / "corpus"
-    if not corpus.is_dir():
-        corpus.mkdir(parents=True)
-        probs = tasks.problems(30_000, seed, FAMILIES)
-        for i in range(0, len(probs), 1000):  # documents of 1,000 problems each
-            (corpus / f"tasks_{i // 1000:03d}.txt").write_text(
-                "".join(tasks.as_text(p) for p in probs[i : i + 1000])
-            )
-        for j, f in enumerate(_thin(default_corpus_files(), 3.0)):
-            try:
-                (corpus / f"py_{j:05d}.txt").write_text(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue
-    cfg = recipes.speedrun(30.0, str(out / "base"), str(corpus))
-    cfg = recipes.override(
-        cfg, {"minutes": 0.0, "steps": steps, "long_steps": 10, "ckpt_every": 100, "eval_every": 0}
-    )
-    run_pretrain(cfg)
-    return out / "base"
-
-
-@torch.no_grad()
-def greedy_replies(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int = 12) -> list[str]:
-    from qwen2.engine import Engine
-    from qwen2.sampling import SamplingParams
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    engine = Engine(model, max_num_seqs=64, max_model_len=256)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=[tok.im_end_id])
-    ids = [encode_chat(tok, p, add_generation_prompt=True)[0] for p in prompts]
-    outs = engine.generate(ids, params)
-    return [tok.decode([t for t in o if t != tok.im_end_id]) for o in outs]
-
-
-def accuracy(model_dir: Path, problems: list[dict]) -> float:
-    replies = greedy_replies(model_dir, [tasks.as_messages(p)[:-1] for p in problems])
-    return sum(tasks.check(p, r) for p, r in zip(problems, replies, strict=True)) / len(problems)
-
-
-@torch.no_grad()
-def heldout_lm_loss(model_dir: Path, base_run: Path, rows: int = 32, seq_len: int = 256) -> float:
-    """Mean next-token loss on fixed rows of the pre-training held-out split (plain text, no chat)."""
-    from qwen2.data import PackedLoader
-    from qwen2.data.shards import ShardSet
-    from qwen2.train.objectives import token_losses
-
-    data_dirs = [d for d in (base_run / "data").iterdir() if d.is_dir()]
-    _, val = ShardSet(data_dirs[0]).split(0.01, seed=0)
-    batch = next(PackedLoader(val, seq_len, rows, seed=0, shuffle=False))["input_ids"]
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    return float(token_losses(model, batch[:, :-1], batch[:, 1:]).mean())
-
-
-@torch.no_grad()
-def sample_pairs(model_dir: Path, problems: list[dict], k: int, seed: int) -> tuple[list[dict], float]:
-    """k sampled replies per problem, checked: (one right-over-wrong pair per problem that has both, the
-    fraction of right samples)."""
-    from qwen2.engine import Engine
-    from qwen2.sampling import SamplingParams
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    engine = Engine(model, max_num_seqs=128, max_model_len=256)
-    rng = random.Random(seed)
-    rids = []
-    for i, p in enumerate(problems):
-        ids = encode_chat(tok, tasks.as_messages(p)[:-1], add_generation_prompt=True)[0]
-        for j in range(k):
-            params = SamplingParams(
-                temperature=1.0, max_new_tokens=12, stop_token_ids=[tok.im_end_id], seed=seed + i * k + j
-            )
-            rids.append((engine.add_request(ids, params), i))
-    got = {r: [] for r, _ in rids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            got[o.request_id].extend(o.token_ids)
-    replies: list[list[str]] = [[] for _ in problems]
-    for r, i in rids:
-        replies[i].append(tok.decode([t for t in got[r] if t != tok.im_end_id]))
-    pairs, right = [], 0
-    for p, rs in zip(problems, replies, strict=True):
-        good = [r for r in rs if tasks.check(p, r)]
-        bad = [r for r in rs if not tasks.check(p, r)]
-        right += len(good)
-        if good and bad:
-            msgs = tasks.as_messages(p)[:-1]
-            pairs.append(
-                {
-                    "prompt": msgs,
-                    "chosen": [{"role": "assistant", "content": rng.choice(good)}],
-                    "rejected": [{"role": "assistant", "content": rng.choice(bad)}],
-                }
-            )
-    return pairs, right / (k * len(problems))
+from qwen2.train.stages import (  # noqa: E402
+    FAMILIES,
+    accuracy,
+    heldout_lm_loss,
+    pretrain,
+    sample_pairs,
+    write_jsonl,
+)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -165,6 +58,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     a.bar(names, [100 * r["accuracy"] for r in rows], color="tab:blue")
     a.set_ylabel("held-out accuracy (%)")
+    a.set_ylim(0, 100)
     a.set_title("accuracy on unseen problems (greedy, checked)")
     b.bar(names, [r["tax"] for r in rows], color="tab:red")
     b.set_ylabel("held-out pre-training loss - base (nats)")
@@ -302,6 +196,7 @@ def main(argv=None) -> int:
     }
     rows = []
     base_loss = heldout_lm_loss(base, base_run)
+    base_text_acc = accuracy(base, heldout, chat=False)  # the base model in its own format
     for name, d in models.items():
         loss = heldout_lm_loss(d, base_run)
         rows.append(
@@ -316,6 +211,7 @@ def main(argv=None) -> int:
     margins = {k: v["final"].get("eval_rewards/margins") for k, v in dpo.items()}
     result = {
         "rows": [{k: r[k] for k in ("model", "accuracy", "lm_loss", "tax")} for r in rows],
+        "base_accuracy_pretraining_format": base_text_acc,
         "pairs": pair_info,
         "reward_model_heldout_accuracy": rm["final"].get("eval_accuracy"),
         "dpo_heldout_margins": margins,
@@ -326,6 +222,7 @@ def main(argv=None) -> int:
         "seconds": timings,
         "command": " ".join(["bench/posttrain_effect.py", *(argv or sys.argv[1:])]),
     }
+    print(f"base model, 'Question: ... Answer:' format: {100 * base_text_acc:.1f}% (row above: ChatML)")
     print(f"pairs: {pair_info}; reward model held-out accuracy {result['reward_model_heldout_accuracy']}")
     print(f"DPO held-out reward margins: {margins}")
     (out / "effect.json").write_text(json.dumps(result, indent=2))
