@@ -15,7 +15,7 @@ Scale note: the paper's learning rates (SFT 7e-6, DPO 1e-6) are for 7B+ models t
 examples; a 3M-parameter model needs larger ones (here 1e-3 / 1e-4), and the OMO alpha is raised so that
 its pull toward the task vector is visible over ~100 steps (stated in the output).
 
-    .venv/bin/python bench/posttrain_effect.py [--out runs/posttrain_effect] [--pretrain-steps 600]
+    .venv/bin/python bench/posttrain_effect.py [--out runs/posttrain_effect] [--pretrain-steps 800]
 
 Writes OUT/effect.json, docs/posttrain_effect.png and prints the table. Stages already done are reused
 (each is a resumable run folder); --fresh starts over.
@@ -74,7 +74,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/posttrain_effect")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-steps", type=int, default=800)
+    ap.add_argument("--pretrain-problems", type=int, default=30_000, help="problems mixed into pre-training")
     ap.add_argument("--sft-problems", type=int, default=3000)
     ap.add_argument("--pair-problems", type=int, default=600)
     ap.add_argument("--prompts", type=int, default=256, help="online DPO prompts")
@@ -95,14 +96,14 @@ def main(argv=None) -> int:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
         print(f"== {name} done ({timings[name]} s)", flush=True)
 
-    base_run = pretrain(out, a.pretrain_steps, a.seed)
+    base_run = pretrain(out, a.pretrain_steps, a.seed, a.pretrain_problems)
     base = base_run / "model"
     mark("pretrain")
     train = tasks.problems(a.sft_problems + a.pair_problems + a.prompts, a.seed + 1, FAMILIES)
     sft_p, pair_p = train[: a.sft_problems], train[a.sft_problems : a.sft_problems + a.pair_problems]
     prompt_p = train[a.sft_problems + a.pair_problems :]
     heldout = tasks.held_out(
-        train + tasks.problems(30_000, a.seed, FAMILIES), a.heldout, a.seed + 7, FAMILIES
+        train + tasks.problems(a.pretrain_problems, a.seed, tasks.FAMILIES), a.heldout, a.seed + 7, FAMILIES
     )
     sft_data = write_jsonl(out / "sft.jsonl", [{"messages": tasks.as_messages(p)} for p in sft_p])
     common = {"max_len": 256, "heldout_fraction": 0.05, "ckpt_every": 50, "seed": a.seed}

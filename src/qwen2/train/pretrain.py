@@ -121,8 +121,54 @@ def prepare_data(cfg: PretrainConfig, tok, run_dir: Path, files: list[Path]):
     return shards.split(cfg.heldout_fraction, seed=cfg.seed)
 
 
-def long_mixture(cfg: PretrainConfig, train):
-    """The long-context stage's data: documents >= long_min_doc_tokens, mixed with the ordinary corpus."""
+def prepare_tasks(cfg: PretrainConfig, tok, run_dir: Path, stage: str):
+    """The verifiable problems (data.tasks) of `stage` ("pretrain" or "long") as tokenized shards, one
+    problem a document, or None without task_problems. Written as JSONL under run_dir/tasks and prepared
+    without filters or deduplication (templated problems look repetitive by design). The long stage's
+    passkeys hide the key in filler that fills up to long_seq_len tokens."""
+    import random
+
+    from qwen2.data import Source, prepare_corpus, tasks
+    from qwen2.data.shards import ShardSet
+
+    if not cfg.task_problems:
+        return None
+    families = tuple(f.strip() for f in cfg.task_families.split(",") if f.strip())
+    key = f"{stage}-{cfg.task_problems}-{'-'.join(families)}-{cfg.seed}" + (
+        f"-{cfg.long_seq_len}" if stage == "long" else ""
+    )
+    folder = run_dir / "tasks" / key
+    if stage == "pretrain":
+        probs = tasks.problems(cfg.task_problems, cfg.seed, families)
+    else:  # long passkeys: the filler's paragraphs (~25 tokens each) reach the stage's row length
+        rng, top = random.Random(cfg.seed + 1), max(1, cfg.long_seq_len // 28)
+        probs = [
+            tasks.passkey(rng, rng.randint(top // 4, top)) for _ in range(max(1, cfg.task_problems // 20))
+        ]
+    made = folder / "problems.jsonl"
+    if not made.is_file():
+        from qwen2.files import atomic_write_text
+
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(made, "".join(json.dumps({"text": tasks.as_text(p)}) + "\n" for p in probs))
+    report = prepare_corpus([Source("tasks", [made])], tok, folder / "data", None, None, progress=False)
+    return ShardSet(folder / "data" / report["sources"]["tasks"]["dir"])
+
+
+def stage1_mixture(cfg: PretrainConfig, train, task_docs):
+    """Stage 1's data: the corpus, with the problems at task_share of the tokens when there are any."""
+    from qwen2.data import Mixture
+
+    if task_docs is None:
+        return train
+    return Mixture(
+        {"corpus": train, "tasks": task_docs}, {"corpus": 1 - cfg.task_share, "tasks": cfg.task_share}
+    )
+
+
+def long_mixture(cfg: PretrainConfig, train, task_docs=None):
+    """The long-context stage's data: documents >= long_min_doc_tokens, mixed with the ordinary corpus
+    (and the long passkeys at task_share of the tokens)."""
     from qwen2.data import Mixture
 
     long_docs = train.select(min_tokens=cfg.long_min_doc_tokens)
@@ -131,7 +177,10 @@ def long_mixture(cfg: PretrainConfig, train):
             f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the "
             f"long-context stage; lower long_min_doc_tokens or add longer documents"
         )
-    return Mixture({"long": long_docs, "all": train}, {"long": cfg.long_mix, "all": 1 - cfg.long_mix})
+    share = cfg.task_share if task_docs is not None else 0.0
+    weights = {"long": cfg.long_mix * (1 - share), "all": (1 - cfg.long_mix) * (1 - share), "tasks": share}
+    sources = {"long": long_docs, "all": train, **({"tasks": task_docs} if task_docs is not None else {})}
+    return Mixture(sources, {k: weights[k] for k in sources})
 
 
 @torch.no_grad()
@@ -217,8 +266,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     tok = load_tokenizer(tok_dir)
     if rank == 0:
         prepare_data(cfg, tok, run_dir, files)
+        for stage in ("pretrain", "long"):
+            prepare_tasks(cfg, tok, run_dir, stage)
     _barrier()
     train, val = prepare_data(cfg, tok, run_dir, files)
+    task_docs = {stage: prepare_tasks(cfg, tok, run_dir, stage) for stage in ("pretrain", "long")}
     t_data = time.perf_counter() - t0
 
     mcfg = model_config(cfg.model, len(tok)).replace(
@@ -230,9 +282,17 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, device=device, seed=cfg.seed)
     trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
-    loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
+    loader = PackedLoader(
+        stage1_mixture(cfg, train, task_docs["pretrain"]),
+        cfg.seq_len,
+        cfg.batch_size,
+        rank,
+        world,
+        seed=cfg.seed,
+        spread=cfg.spread,
+    )
     long_loader = PackedLoader(
-        long_mixture(cfg, train),
+        long_mixture(cfg, train, task_docs["long"]),
         cfg.long_seq_len,
         cfg.long_batch_size,
         rank,

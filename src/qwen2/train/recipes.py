@@ -73,6 +73,11 @@ class PretrainConfig(TrainConfig):
     long_warmup_steps: int = 5
     long_min_doc_tokens: int = 512  # the long-document mixture: documents at least this long
     long_mix: float = 0.7  # share of long documents in the stage-2 mixture (the rest: the ordinary corpus)
+    # -- verifiable problems mixed into pre-training (data.tasks; 0: none): their share of the tokens of
+    # each stage; the long stage's passkeys hide the key in filler up to long_seq_len tokens
+    task_problems: int = 0
+    task_families: str = "arithmetic,strings,passkey"
+    task_share: float = 0.3
     # -- report
     samples: int = 4
     sample_tokens: int = 80
@@ -94,6 +99,8 @@ class PretrainConfig(TrainConfig):
             self.train_config(stage).validate(source)
         if not 0.0 <= self.long_mix <= 1.0:
             raise ValueError(f"{source}: long_mix must be in [0, 1], got {self.long_mix}")
+        if not 0.0 <= self.task_share < 1.0:
+            raise ValueError(f"{source}: task_share must be in [0, 1), got {self.task_share}")
         if not 0.0 <= self.long_fraction < 1.0:
             raise ValueError(f"{source}: long_fraction must be in [0, 1), got {self.long_fraction}")
 

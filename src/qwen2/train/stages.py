@@ -27,36 +27,26 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def task_corpus(folder: Path, problems: int, seed: int, python_mb: float = 3.0) -> Path:
-    """A corpus folder: `problems` problems as text (documents of 1,000) plus a slice of the Python
-    standard library's source; written once."""
-    from qwen2.data.corpus import default_corpus_files
-    from qwen2.train.pretrain import _thin
-
-    corpus = Path(folder)
-    if not corpus.is_dir():
-        corpus.mkdir(parents=True)
-        probs = tasks.problems(problems, seed, FAMILIES)
-        for i in range(0, len(probs), 1000):  # documents of 1,000 problems each
-            (corpus / f"tasks_{i // 1000:03d}.txt").write_text(
-                "".join(tasks.as_text(p) for p in probs[i : i + 1000])
-            )
-        for j, f in enumerate(_thin(default_corpus_files(), python_mb)):
-            try:
-                (corpus / f"py_{j:05d}.txt").write_text(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue
-    return corpus
-
-
-def pretrain(out: Path, steps: int, seed: int, problems: int = 30_000) -> Path:
-    """A base model (the speedrun recipe, `steps` steps) on task_corpus; returns the run folder."""
+def pretrain(
+    out: Path, steps: int, seed: int, problems: int = 30_000, share: float = 0.5, corpus_mb: float = 8.0
+) -> Path:
+    """A base model: the speedrun recipe for `steps` steps on a slice of the default corpus with
+    `problems` verifiable problems mixed in (recipes.PretrainConfig.task_*); returns the run folder."""
     from qwen2.train.pretrain import run_pretrain
 
-    corpus = task_corpus(out / "corpus", problems, seed)
-    cfg = recipes.speedrun(30.0, str(out / "base"), str(corpus))
     cfg = recipes.override(
-        cfg, {"minutes": 0.0, "steps": steps, "long_steps": 10, "ckpt_every": 100, "eval_every": 0}
+        recipes.speedrun(30.0, str(out / "base")),
+        {
+            "minutes": 0.0,
+            "steps": steps,
+            "long_steps": max(5, steps // 15),
+            "ckpt_every": 100,
+            "eval_every": 0,
+            "max_corpus_mb": corpus_mb,
+            "task_problems": problems,
+            "task_share": share,
+            "seed": seed,
+        },
     )
     run_pretrain(cfg)
     return out / "base"
@@ -98,8 +88,8 @@ def heldout_lm_loss(model_dir: Path, base_run: Path, rows: int = 32, seq_len: in
     from qwen2.data.shards import ShardSet
     from qwen2.train.objectives import token_losses
 
-    data_dirs = [d for d in (base_run / "data").iterdir() if d.is_dir()]
-    _, val = ShardSet(data_dirs[0]).split(0.01, seed=0)
+    run = json.loads((base_run / "summary.json").read_text())["config"]  # pretrain.prepare_data's split
+    _, val = ShardSet(base_run / "data" / "corpus").split(run["heldout_fraction"], seed=run["seed"])
     batch = next(PackedLoader(val, seq_len, rows, seed=0, shuffle=False))["input_ids"]
     model = load_model(model_dir, dtype=torch.float32).eval()
     return float(token_losses(model, batch[:, :-1], batch[:, 1:]).mean())
