@@ -2,8 +2,14 @@
 
 Loading reads every shard's header first and checks the whole checkpoint against the config
 (missing / unexpected / duplicate tensor names, shapes, missing or truncated shards) before any
-tensor is materialised; the model is built on the meta device and the tensors are memory-mapped
-and assigned, so a bf16 checkpoint loaded as bf16 costs no copy. Only safetensors are read: a
+tensor is materialised. Headers are parsed strictly (read_header, the rules of the safetensors format):
+one JSON object of UTF-8 with no repeated key; every entry a known dtype, a shape of non-negative
+integers and data_offsets spanning exactly the shape's bytes; the tensors tiling the data area (no
+hole, no overlap, nothing after the last one); __metadata__ strings to strings. An index must name
+files inside the folder that exist and hold the tensors mapped to them. Each error is one line
+naming the file and the tensor, raised before anything is allocated for the tensors. The model is
+built on the meta device and the tensors are memory-mapped and assigned, so a bf16 checkpoint loaded
+as bf16 costs no copy. Only safetensors are read: a
 pickle (`pytorch_model.bin`) is refused, never unpickled.
 
 Saving writes each file under a temporary name, fsyncs it, then renames it: shards, then
@@ -65,56 +71,217 @@ class CheckpointError(ValueError):
 
 
 # ---- reading ----------------------------------------------------------------------------------
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a repeated key is an error (json.loads would keep the last silently)."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _parse_json(raw: bytes, where: str) -> object:
+    """Strict JSON: UTF-8, no repeated key. CheckpointError naming `where` otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{where}: key {e.args[0]!r} appears twice") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def read_header(file: Path) -> tuple[dict, int]:
-    """Parse a safetensors header: ({name: {dtype, shape, data_offsets}}, offset of the data)."""
+    """Parse and check a safetensors header: ({name: {dtype, shape, data_offsets}}, offset of the data).
+
+    Only the 8-byte length and the header are read; every entry is checked against the format (and the
+    file's size) so that a tensor is never mapped from bytes that are not its own."""
+    file = Path(file)
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{file}: truncated ({size} bytes), not a safetensors file")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
+        if n < 2 or n > size - 8 or n > _MAX_HEADER:
             raise CheckpointError(
                 f"{file}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file)"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    end = 0
+        raw = f.read(n)
+    header = _parse_json(raw, f"{file}: corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
+        )
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)"
+        )
+    spans = []
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES or "data_offsets" not in info:
-            raise CheckpointError(f"{file}: corrupt safetensors header entry for {name!r}")
-        end = max(end, info["data_offsets"][1])
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file}: truncated: its header needs {8 + n + end} bytes, the file has {size}")
+        bad = _bad_entry(info)
+        if bad:
+            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}: {bad}")
+        spans.append((*info["data_offsets"], name))
+    spans.sort()
+    covered, last = 0, None  # bytes of the data area tiled so far; the tensor that ends there
+    for begin, end, name in spans:
+        if begin > covered:
+            after = f"after tensor {last!r}" if last else "before the first tensor"
+            raise CheckpointError(
+                f"{file}: corrupt safetensors header: data bytes {covered}..{begin} belong to no tensor "
+                f"(a hole {after}, before tensor {name!r})"
+            )
+        if begin < covered:
+            raise CheckpointError(
+                f"{file}: corrupt safetensors header: tensor {name!r} (bytes {begin}..{end}) overlaps "
+                f"tensor {last!r} (ends at {covered})"
+            )
+        if end > begin or last is None:  # an empty tensor sits between two others and ends nothing
+            last = name
+        covered = end
+    data = size - 8 - n
+    if covered > data:
+        raise CheckpointError(
+            f"{file}: truncated: its header needs {8 + n + covered} bytes, the file has {size}"
+            + (f" (tensor {last!r} is cut off)" if last else "")
+        )
+    if covered < data:
+        raise CheckpointError(
+            f"{file}: {data - covered} trailing bytes after the last tensor"
+            + (f" ({last!r})" if last else "")
+            + "; a safetensors file ends with its last tensor (re-save it)"
+        )
     return header, 8 + n
 
 
-def _shard_files(directory: Path) -> list[Path]:
-    if (directory / INDEX).is_file():
-        index_file = directory / INDEX
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+def _bad_entry(info) -> str | None:
+    """What is wrong with one header entry (None: nothing)."""
+    if not isinstance(info, dict):
+        return f"a JSON {type(info).__name__}, not an object"
+    dtype = info.get("dtype")
+    if dtype not in _DTYPES:
+        return f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}"
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return f"data_offsets {offsets!r} is not [begin, end] of non-negative integers"
+    begin, end = offsets
+    if begin > end:
+        return f"data_offsets {offsets} end before they begin"
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * _itemsize(_DTYPES[dtype])
+    if end - begin != need:
+        return f"data_offsets {offsets} span {end - begin} bytes, its shape {shape} of {dtype} needs {need}"
+    return None
+
+
+def _read_index(directory: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map, checked: one object whose weight_map maps tensor
+    names to files inside `directory` that exist. The names are checked, not where a file's symlink
+    points: the Hugging Face cache links each snapshot's shards to blobs outside the snapshot."""
+    index_file = directory / INDEX
+    index = _parse_json(index_file.read_bytes(), f"{index_file}")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object)")
+    root = directory.resolve()
+    for name, rel in weight_map.items():
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{index_file}: tensor {name!r} maps to {rel!r}, not a file name")
+        if (
+            Path(rel).is_absolute()
+            or "\\" in rel
+            or ".." in Path(rel).parts
+            or not (directory / rel).parent.resolve().is_relative_to(root)  # a linked sub-folder
+        ):
             raise CheckpointError(
-                f"{index_file}: not a valid index (needs a 'weight_map' object): {e}"
-            ) from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (directory / name).is_file():
-                raise CheckpointError(
-                    f"{index_file}: names shard {name!r}, which does not exist in {directory}"
-                )
-        return [directory / f for f in files]
+                f"{index_file}: tensor {name!r} maps to {rel!r}, outside {directory}; "
+                "an index names files in its own folder"
+            )
+    for rel in sorted(set(weight_map.values())):
+        if not (directory / rel).is_file():
+            raise CheckpointError(f"{index_file}: names shard {rel!r}, which does not exist in {directory}")
+    return weight_map
+
+
+def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files and the index's weight_map (None for a single file)."""
+    if (directory / INDEX).is_file():
+        weight_map = _read_index(directory)
+        return [directory / f for f in sorted(set(weight_map.values()))], weight_map
     if (directory / SINGLE).is_file():
-        return [directory / SINGLE]
+        return [directory / SINGLE], None
     pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
     hint = (
         f" Found {pickles}: pickled weights are not loaded; convert them to safetensors." if pickles else ""
     )
     raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX}.{hint}")
+
+
+def read_headers(directory: str | os.PathLike) -> dict[str, tuple[Path, dict, int]]:
+    """Every tensor of a checkpoint folder, checked and not yet read: {name: (file, header entry, offset
+    of the file's data)}. The index (if any) and each file's header are checked (read_header); a name in
+    two files, or in another file than the index says, is a CheckpointError. FileNotFoundError when the
+    folder has no safetensors (naming any pickles, which are never loaded)."""
+    directory = Path(directory)
+    files, weight_map = _shard_files(directory)
+    headers: dict[str, tuple[Path, dict, int]] = {}
+    for file in files:
+        header, start = read_header(file)
+        for name in header:
+            if name in headers:
+                raise CheckpointError(f"tensor {name!r} appears twice: in {headers[name][0]} and in {file}")
+            headers[name] = (file, header[name], start)
+    for name, rel in (weight_map or {}).items():
+        if name not in headers or headers[name][0] != directory / rel:
+            where = f" (it is in {headers[name][0].name})" if name in headers else ""
+            raise CheckpointError(
+                f"{directory / INDEX}: maps tensor {name!r} to {rel}, which does not hold it{where}"
+            )
+    return headers
+
+
+def _check_finite(name: str, file: Path, t: torch.Tensor, loaded: torch.Tensor) -> None:
+    """CheckpointError if `t` (as stored) or `loaded` (cast) holds NaN/Inf; in chunks, not a full mask."""
+
+    def bad(x: torch.Tensor) -> int:
+        flat, step = x.reshape(-1), 1 << 22
+        return sum(int((~torch.isfinite(flat[i : i + step])).sum()) for i in range(0, flat.numel(), step))
+
+    if n := bad(t):
+        raise CheckpointError(f"{file}: tensor {name!r} holds {n} NaN/Inf value(s) of {t.numel()}")
+    if loaded.dtype != t.dtype and (n := bad(loaded)):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} overflows {str(loaded.dtype).removeprefix('torch.')} "
+            f"({n} value(s) become Inf); load it as float32 or bfloat16"
+        )
 
 
 def _mmap_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> torch.Tensor:
@@ -136,6 +303,7 @@ def load_model(
     *,
     kernels: bool = True,
     dual_chunk_attention: bool = False,
+    check_finite: bool = False,
 ) -> Qwen2:
     """Load a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory.
 
@@ -144,6 +312,8 @@ def load_model(
     kernels: on CPU, swap in the decode kernels (qwen2.kernels.install); False keeps plain PyTorch layers.
     dual_chunk_attention: add Dual Chunk Attention with ModelConfig.with_dual_chunk_attention's defaults
     when config.json has no dual_chunk_attention_config (a config that has one is used as it is).
+    check_finite: read every floating tensor once more and refuse the first that holds NaN or Inf (or
+    overflows to Inf when cast to `dtype`), naming it and its file; off by default: it reads all weights.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -154,7 +324,8 @@ def load_model(
     if dual_chunk_attention and config.dual_chunk_attention_config is None:
         config = config.with_dual_chunk_attention()
     generation_config = _generation_config(directory)
-    files = _shard_files(directory)
+    headers = read_headers(directory)
+    files = sorted({file for file, _, _ in headers.values()})
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -168,13 +339,6 @@ def load_model(
         apply_quantization(model, config.quantization)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    headers: dict[str, tuple[Path, dict, int]] = {}
-    for file in files:
-        header, start = read_header(file)
-        for name in header:
-            if name in headers:
-                raise CheckpointError(f"tensor {name!r} appears twice: in {headers[name][0]} and in {file}")
-            headers[name] = (file, header[name], start)
     if config.tie_word_embeddings:
         headers.pop(
             "lm_head.weight", None
@@ -208,6 +372,8 @@ def load_model(
     for name, (file, info, start) in headers.items():
         t = _mmap_tensor(storages[file], start, info)
         state[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+        if check_finite and t.is_floating_point():
+            _check_finite(name, file, t, state[name])
     model.load_state_dict(state, strict=True, assign=True)
     model.generation_config = generation_config  # qwen2.generate's sampling defaults
     if kernels and torch.device(device).type == "cpu":

@@ -5,6 +5,9 @@ defaults follow transformers' Qwen2Config / Qwen2MoeConfig so that a config.json
 project, transformers and vLLM unchanged. Keys we do not model are kept in `extra` and written back.
 `sliding_window` / `max_window_layers` are carried but inert: every Qwen2 model has
 `use_sliding_window: false`, and we refuse a config that turns it on rather than silently ignoring it.
+A config.json must give the shape (REQUIRED): a missing hidden_size is an error, not a default. The
+weights' dtype is read from "dtype" (transformers >= 4.56 / 5) or else "torch_dtype" (older files) and
+written under both names, so that old and new readers agree.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 from qwen2.files import atomic_write_text, read_json_object
 
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+# The fields that fix a model's shape: a config.json without one of them describes no particular model.
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 @dataclass
@@ -47,7 +52,7 @@ class ModelConfig:
     max_window_layers: int | None = None
     bos_token_id: int | None = ENDOFTEXT_ID
     eos_token_id: int | list[int] | None = ENDOFTEXT_ID
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str = "bfloat16"  # config.json's "dtype" (transformers 5) or "torch_dtype"
     use_cache: bool = True
     # Mixture of Experts (model_type "qwen2_moe"); 0 experts means dense.
     num_experts: int = 0
@@ -124,6 +129,11 @@ class ModelConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{source}: field '{name}' must be positive, got {getattr(self, name)}")
+        if self.rope_theta <= 0:
+            raise ValueError(
+                f"{source}: field 'rope_theta' must be positive (RoPE's base, e.g. 1000000.0), "
+                f"got {self.rope_theta}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"{source}: hidden_size {self.hidden_size} is not divisible by "
@@ -180,8 +190,26 @@ class ModelConfig:
     # ---- config.json ------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        """A config.json's object; refuses one that lacks a REQUIRED field (naming `source` and it)."""
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        model_type = d.get("model_type", "qwen2")
+        if model_type not in ("qwen2", "qwen2_moe"):  # before the fields: another model lacks ours
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not a Qwen2 model (expected 'qwen2' or 'qwen2_moe')"
+            )
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise ValueError(
+                f"{source}: field {missing[0]!r} is missing"
+                + (f" (and {', '.join(repr(k) for k in missing[1:])})" if missing[1:] else "")
+                + f"; a Qwen2 config.json must give {', '.join(REQUIRED)}"
+            )
+        # transformers >= 4.56 writes "dtype"; older files "torch_dtype". Both present: "dtype" wins,
+        # as in transformers' PretrainedConfig.
+        dtype = d.pop("dtype", None)
+        if dtype is not None:
+            d["torch_dtype"] = dtype
         if "rope_parameters" in d and "rope_theta" not in d:
             # transformers >= 5 writes rope_theta/rope_scaling inside "rope_parameters".
             rp = dict(d.pop("rope_parameters") or {})
@@ -225,6 +253,7 @@ class ModelConfig:
             ):
                 d.pop(f)
         d = {k: v for k, v in d.items() if v is not None}  # absent = the default, as in the Hub's files
+        d["dtype"] = d["torch_dtype"]  # transformers 5 reads (and writes) "dtype"; older readers torch_dtype
         arch = "Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"
         return {"architectures": [arch], **self.extra, **d}
 

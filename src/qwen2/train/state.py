@@ -47,9 +47,9 @@ from qwen2.files import fsync_dir, fsync_tree, umask_permissions
 
 PREFIX = "step_"
 MANIFEST = "manifest.json"
-# TrainConfig fields that change what is logged or kept, not a step: resuming with other values of these
-# is not a change of hyper-parameters.
-BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "keep_last")
+# TrainConfig (and recipe) fields that change what is logged, evaluated or kept, or where, not a training
+# step: resuming with other values of these is not a change of hyper-parameters.
+BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "out")
 
 
 # ---- nested state <-> (JSON, tensors) -----------------------------------------------------------
@@ -149,9 +149,32 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _on_rank0(fn):
+    """fn() run by rank 0 alone (one process reads and hashes the files), its result or its exception
+    on every rank. Collective under torchrun; a plain call otherwise."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    out = [None]
+    if dist.get_rank() == 0:
+        try:
+            out = [(True, fn())]
+        except Exception as e:
+            out = [(False, e)]
+    dist.broadcast_object_list(out, src=0)
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     """The newest checkpoint that verifies (verify_checkpoint); each broken newer one is named in one
-    line on stderr. None when there is none; CheckpointError when there are some and none verifies."""
+    line on stderr. None when there is none; CheckpointError when there are some and none verifies.
+    Collective under torchrun (rank 0 verifies): every rank calls it."""
+    return _on_rank0(lambda: _newest_verified(run_dir))
+
+
+def _newest_verified(run_dir) -> Path | None:
     from qwen2.checkpoint import CheckpointError
 
     found = list_checkpoints(run_dir)
@@ -339,7 +362,7 @@ def save_checkpoint(trainer, loader) -> Path | None:
         dist.broadcast_object_list(status, src=0)
         failure = status[0]
     if failure is not None:
-        raise OSError(failure[0], failure[1])
+        raise OSError(*failure) if failure[0] is not None else OSError(failure[1])
     return final
 
 
@@ -371,7 +394,8 @@ def load_checkpoint(trainer, loader, ckpt: str | os.PathLike, allow_changed: boo
     is a ValueError naming the fields; so are TrainConfig fields that differ from those the checkpoint's
     stage was saved with (a stage switch is not a change), unless `allow_changed`: then each change is
     appended to trainer.meta["changed"] ({step, stage, field, old, new}) and named in one line.
-    Returns the checkpoint's trainer.json. Nothing of the trainer changes when it raises."""
+    Returns the checkpoint's trainer.json. Nothing of the trainer changes when it raises. Collective
+    under torchrun (rank 0 verifies the files)."""
     from qwen2.checkpoint import CheckpointError
 
     ckpt = Path(ckpt)
@@ -384,7 +408,7 @@ def load_checkpoint(trainer, loader, ckpt: str | os.PathLike, allow_changed: boo
             f"{ckpt}: saved with world_size {info['world_size']}, resumed with {trainer.world}; "
             f"resume with the same number of processes (the loader position is per rank)"
         )
-    why = _verify_cached(ckpt)
+    why = _on_rank0(lambda: _verify_cached(ckpt))
     if why is None and info is None:
         why = f"{ckpt / 'trainer.json'}: unreadable"
     if why is not None:
