@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,37 +55,59 @@ def pretrain(
 
 
 @torch.no_grad()
-def greedy_replies(
-    model_dir: Path, problems: list[dict], chat: bool = True, max_new_tokens: int = 12
-) -> list[str]:
-    """Greedy replies to each problem: through ChatML (chat) or continuing the pre-training form
-    "Question: ...\nAnswer:" (a base model's format), stopping at <|im_end|> / a newline."""
+def replies(
+    model_dir: Path,
+    problems: list[dict],
+    *,
+    chat: bool = True,
+    k: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+    max_new_tokens: int = 12,
+) -> list[list[str]]:
+    """k replies per problem from our Engine (greedy at temperature 0): through ChatML (`chat`) or continuing
+    the pre-training form "Question: ...\nAnswer:" (a base model's format; the first line)."""
     from qwen2.engine import Engine
     from qwen2.sampling import SamplingParams
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.float32).eval()
-    engine = Engine(model, max_num_seqs=64, max_model_len=256)
+    engine = Engine(model, max_num_seqs=128, max_model_len=512)
     stops = [tok.im_end_id, tok.endoftext_id]
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stops)
-    if chat:
-        ids = [encode_chat(tok, tasks.as_messages(p)[:-1], add_generation_prompt=True)[0] for p in problems]
-    else:
-        ids = [tok.encode(tasks.prompt_text(p)) for p in problems]
-    outs = engine.generate(ids, params)
-    texts = [tok.decode([t for t in o if t not in stops]) for o in outs]
-    return texts if chat else [t.split("\n")[0] for t in texts]
+    rids = []
+    for i, p in enumerate(problems):
+        if chat:
+            ids = encode_chat(tok, tasks.as_messages(p)[:-1], add_generation_prompt=True)[0]
+        else:
+            ids = tok.encode(tasks.prompt_text(p))
+        for j in range(k):
+            params = SamplingParams(
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stops,
+                seed=seed + i * k + j,
+            )
+            rids.append((engine.add_request(ids, params), i))
+    got = {r: [] for r, _ in rids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id].extend(o.token_ids)
+    out: list[list[str]] = [[] for _ in problems]
+    for r, i in rids:
+        text = tok.decode([t for t in got[r] if t not in stops])
+        out[i].append(text if chat else text.split("\n")[0].strip())
+    return out
 
 
 def accuracy(model_dir: Path, problems: list[dict], chat: bool = True) -> float:
     """Fraction of `problems` whose greedy reply tasks.check accepts."""
-    replies = greedy_replies(model_dir, problems, chat)
-    return sum(tasks.check(p, r) for p, r in zip(problems, replies, strict=True)) / len(problems)
+    got = replies(model_dir, problems, chat=chat)
+    return sum(tasks.check(p, r[0]) for p, r in zip(problems, got, strict=True)) / len(problems)
 
 
 @torch.no_grad()
 def heldout_lm_loss(model_dir: Path, base_run: Path, rows: int = 32, seq_len: int = 256) -> float:
-    """Mean next-token loss on fixed rows of the pre-training held-out split (plain text, no chat)."""
+    """Mean next-token loss on fixed rows of the pre-training corpus's held-out split (plain text)."""
     from qwen2.data import PackedLoader
     from qwen2.data.shards import ShardSet
     from qwen2.train.objectives import token_losses
@@ -95,44 +119,146 @@ def heldout_lm_loss(model_dir: Path, base_run: Path, rows: int = 32, seq_len: in
     return float(token_losses(model, batch[:, :-1], batch[:, 1:]).mean())
 
 
-@torch.no_grad()
-def sample_pairs(model_dir: Path, problems: list[dict], k: int, seed: int) -> tuple[list[dict], float]:
-    """k sampled replies per problem, checked: (one right-over-wrong pair per problem that has both, the
-    fraction of right samples)."""
-    from qwen2.engine import Engine
-    from qwen2.sampling import SamplingParams
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    engine = Engine(model, max_num_seqs=128, max_model_len=256)
+def rejection_sample(model_dir: Path, problems: list[dict], k: int, seed: int, chat: bool) -> dict:
+    """Rejection sampling with a checker (paper 4.1): k samples at temperature 1 per problem, each checked.
+    Returns {"sft": SFT records (a right sample; the reference answer where none was right), "pairs":
+    right-over-wrong preference records (problems with a wrong sample), "right": fraction of right samples,
+    "gold": SFT records that took the reference answer}."""
     rng = random.Random(seed)
-    rids = []
-    for i, p in enumerate(problems):
-        ids = encode_chat(tok, tasks.as_messages(p)[:-1], add_generation_prompt=True)[0]
-        for j in range(k):
-            params = SamplingParams(
-                temperature=1.0, max_new_tokens=12, stop_token_ids=[tok.im_end_id], seed=seed + i * k + j
-            )
-            rids.append((engine.add_request(ids, params), i))
-    got = {r: [] for r, _ in rids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            got[o.request_id].extend(o.token_ids)
-    replies: list[list[str]] = [[] for _ in problems]
-    for r, i in rids:
-        replies[i].append(tok.decode([t for t in got[r] if t != tok.im_end_id]))
-    pairs, right = [], 0
-    for p, rs in zip(problems, replies, strict=True):
+    got = replies(model_dir, problems, chat=chat, k=k, temperature=1.0, seed=seed)
+    sft, pairs, right, gold = [], [], 0, 0
+    for p, rs in zip(problems, got, strict=True):
         good = [r for r in rs if tasks.check(p, r)]
-        bad = [r for r in rs if not tasks.check(p, r)]
+        bad = [r for r in rs if not tasks.check(p, r) and r]
         right += len(good)
-        if good and bad:
-            msgs = tasks.as_messages(p)[:-1]
+        answer = min(good, key=len) if good else p["answer"]
+        gold += not good
+        sft.append({"messages": tasks.as_messages(p, answer)})
+        if bad:  # right over wrong; the reference answer stands in when no sample was right
             pairs.append(
                 {
-                    "prompt": msgs,
-                    "chosen": [{"role": "assistant", "content": rng.choice(good)}],
+                    "prompt": tasks.as_messages(p)[:-1],
+                    "chosen": [{"role": "assistant", "content": rng.choice(good) if good else p["answer"]}],
                     "rejected": [{"role": "assistant", "content": rng.choice(bad)}],
                 }
             )
-    return pairs, right / (k * len(problems))
+    return {"sft": sft, "pairs": pairs, "right": right / (k * len(problems)), "gold": gold}
+
+
+# ---- the post-training chain ----------------------------------------------------------------------------
+@dataclass
+class ChainConfig:
+    """Sizes and settings of the post-training chain at small scale. The paper's learning rates (SFT 7e-6,
+    DPO 1e-6) are for 7B+ models; a few-million-parameter model needs larger ones. OMO's alpha is raised
+    from the script's 1e-7 so its pull toward the task vector shows within ~100 steps."""
+
+    problems: int = 3000  # rejection-sampled: SFT data, and preference pairs where samples disagree
+    prompts: int = 256  # online DPO
+    k: int = 8  # samples per problem / prompt
+    heldout: int = 200  # accuracy problems, unseen in every stage
+    seed: int = 0
+    sft_lr: float = 1e-3
+    reward_lr: float = 3e-4
+    dpo_lr: float = 1e-4
+    online_lr: float = 5e-5
+    dpo_optimizers: tuple = ("adamw", "ondare", "onties")
+    online_optimizer: str = "ondare"  # the paper's RLHF uses the Online Merging Optimizer
+    merge_alpha: float = 1e-2
+    merge_reserve: float = 0.3
+
+
+CHAIN_STAGES = ("synth", "sft", "reward", "dpo", "online-dpo", "eval")
+
+
+def run_chain(out: Path, base_run: Path, cc: ChainConfig, stages=CHAIN_STAGES, log=print) -> dict:
+    """synth -> SFT -> reward model -> DPO (each optimizer) -> online DPO -> eval, each stage a run folder
+    under `out` that resumes (finished stages are read back); returns what each stage measured."""
+    from qwen2.files import atomic_write_text
+    from qwen2.train.posttrain import run_posttrain
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_run / "model"
+    pre = json.loads((base_run / "summary.json").read_text())["config"]
+    seen = tasks.problems(pre.get("task_problems") or 0, pre["seed"], tuple(pre["task_families"].split(",")))
+    problems = tasks.problems(cc.problems + cc.prompts, cc.seed + 1, FAMILIES)
+    synth_p, prompt_p = problems[: cc.problems], problems[cc.problems :]
+    heldout = tasks.held_out(problems + seen, cc.heldout, cc.seed + 7, FAMILIES)
+    result: dict = {"seconds": {}}
+    common = {"max_len": 256, "heldout_fraction": 0.05, "ckpt_every": 50, "seed": cc.seed}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        value = fn()
+        result["seconds"][name] = round(time.perf_counter() - t, 1)
+        log(f"== {name}: {result['seconds'][name]} s")
+        return value
+
+    def post(cls, fields):
+        return run_posttrain(recipes.override(cls(), {**common, **fields}, source=fields["out"]))
+
+    # synthesis: rejection sampling of the pre-trained model in its own format
+    made = out / "synth.json"
+    if "synth" in stages and not made.is_file():
+        got = timed("synth", lambda: rejection_sample(base, synth_p, cc.k, cc.seed, chat=False))
+        write_jsonl(out / "sft.jsonl", got["sft"])
+        write_jsonl(out / "pairs.jsonl", got["pairs"])
+        info = {"problems": len(synth_p), "right_fraction": got["right"], "gold_topped_up": got["gold"]}
+        atomic_write_text(made, json.dumps({**info, "pairs": len(got["pairs"])}))
+    result["synth"] = json.loads(made.read_text()) if made.is_file() else None
+    sft_dir, rm_dir = out / "sft" / "model", out / "reward" / "model"
+    if "sft" in stages:
+        sft = {"out": str(out / "sft"), "model": str(base), "data": str(out / "sft.jsonl"), "lr": cc.sft_lr}
+        sft.update(epochs=2.0, batch_size=16, warmup_steps=10, packing=True)
+        result["sft"] = timed("sft", lambda: post(recipes.SFTConfig, sft))["final"]
+    if "reward" in stages:
+        rm = {"out": str(out / "reward"), "model": str(sft_dir), "data": str(out / "pairs.jsonl")}
+        rm.update(epochs=2.0, batch_size=8, lr=cc.reward_lr, heldout_fraction=0.1)
+        result["reward"] = timed("reward", lambda: post(recipes.RewardConfig, rm))["final"]
+    omo = {"merge_alpha": cc.merge_alpha, "merge_reserve": cc.merge_reserve, "base_model": str(base)}
+    dpo = {"model": str(sft_dir), "data": str(out / "pairs.jsonl"), "epochs": 2.0, "batch_size": 8}
+    dpo.update(lr=cc.dpo_lr, warmup_steps=5)
+    result["dpo"] = {}
+    for opt in cc.dpo_optimizers if "dpo" in stages else ():
+        fields = {
+            **dpo,
+            "out": str(out / f"dpo-{opt}"),
+            **({} if opt == "adamw" else {"optimizer": opt, **omo}),
+        }
+        result["dpo"][opt] = timed(f"dpo-{opt}", lambda f=fields: post(recipes.DPOConfig, f))["final"]
+    if "online-dpo" in stages:
+        write_jsonl(out / "prompts.jsonl", [{"prompt": tasks.as_messages(p)[:-1]} for p in prompt_p])
+        start = out / f"dpo-{cc.dpo_optimizers[0]}" / "model"
+        online = {"out": str(out / "online-dpo"), "model": str(start), "data": str(out / "prompts.jsonl")}
+        online.update(reward_model=str(rm_dir), epochs=1.0, batch_size=8, samples=cc.k, max_new_tokens=12)
+        online.update(lr=cc.online_lr, warmup_steps=2, heldout_fraction=0.0)
+        if cc.online_optimizer != "adamw":
+            online.update(optimizer=cc.online_optimizer, **omo)
+        result["online-dpo"] = timed("online-dpo", lambda: post(recipes.OnlineDPOConfig, online))["final"]
+    if "eval" in stages:
+        models = {"base": base, "SFT": sft_dir}
+        models.update({f"DPO {o}": out / f"dpo-{o}" / "model" for o in cc.dpo_optimizers})
+        models["online DPO"] = out / "online-dpo" / "model"
+        result["eval"] = timed("eval", lambda: evaluate(models, base_run, heldout))
+    return result
+
+
+def evaluate(models: dict[str, Path], base_run: Path, heldout: list[dict]) -> list[dict]:
+    """Per model present: held-out accuracy (ChatML; the base model also in its pre-training format),
+    held-out pre-training loss and its change over the base model (the alignment tax)."""
+    rows = []
+    base_loss = None
+    for name, d in models.items():
+        if not (Path(d) / "config.json").is_file():
+            continue
+        loss = heldout_lm_loss(Path(d), base_run)
+        base_loss = loss if base_loss is None else base_loss
+        row = {
+            "model": name,
+            "accuracy": accuracy(Path(d), heldout),
+            "lm_loss": loss,
+            "tax": loss - base_loss,
+        }
+        if name == "base":
+            row["accuracy_pretraining_format"] = accuracy(Path(d), heldout, chat=False)
+        rows.append(row)
+    return rows
