@@ -55,6 +55,9 @@ def _add_serve(sub):
     )
     p.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     p.add_argument(
+        "--check-finite", action="store_true", help="refuse a checkpoint with a NaN / Inf weight (names it)"
+    )
+    p.add_argument(
         "--allowed-host",
         action="append",
         default=[],
@@ -108,6 +111,7 @@ def _add_serve(sub):
             limits={k: getattr(a, k) for k in limit_flags if getattr(a, k) is not None},
             dtype=a.dtype,
             dual_chunk_attention=a.dual_chunk_attention,
+            check_finite=a.check_finite,
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
             max_model_len=a.max_model_len,
@@ -145,6 +149,9 @@ def _add_tokenizer(sub):
 
 
 def _sampling_flags(p, max_new_tokens: int):
+    p.add_argument(
+        "--check-finite", action="store_true", help="refuse a checkpoint with a NaN / Inf weight (names it)"
+    )
     p.add_argument(
         "--dual-chunk-attention",
         action="store_true",
@@ -211,6 +218,9 @@ def _add_quantize(sub):
     p.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
     p.add_argument("--no-lm-head", action="store_true", help="keep the output layer in float")
     p.add_argument(
+        "--check-finite", action="store_true", help="refuse a checkpoint with a NaN / Inf weight (names it)"
+    )
+    p.add_argument(
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
@@ -235,6 +245,11 @@ def _add_pretrain(sub):
     )
     p.add_argument("--out", help="run folder (overrides the recipe's `out`)")
     p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="resume although hyper-parameters changed (recorded in the checkpoint's meta); default: refuse",
+    )
+    p.add_argument(
         "--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint"
     )
 
@@ -248,7 +263,7 @@ def _add_pretrain(sub):
             raise ValueError(f"{a.config}: a {name} recipe runs with its own command, not pretrain")
         if a.out:
             cfg = override(cfg, {"out": a.out})
-        report = pretrain_and_report(cfg, resume=not a.no_resume)
+        report = pretrain_and_report(cfg, resume=not a.no_resume, allow_changed=a.allow_changed)
         if report:
             print(
                 f"model: {report['model']}  report: {cfg.out}/report.md  "
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, MissingExtra) as e:
+    except (OSError, ValueError, MissingExtra) as e:  # OSError: missing files, a full disk, ...
         print(f"qwen2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ def model_dir(path: str | None) -> Path:
     return d
 
 
-def load(path: str | None, dtype: str | None, dual_chunk_attention: bool = False):
+def load(path: str | None, dtype: str | None, dual_chunk_attention: bool = False, check_finite: bool = False):
     """(model, tokenizer, directory) for a checkpoint folder; dtype None = the checkpoint's own."""
     import torch
 
@@ -55,7 +55,10 @@ def load(path: str | None, dtype: str | None, dual_chunk_attention: bool = False
     d = model_dir(path)
     tokenizer = load_tokenizer(d)
     model = load_model(
-        d, dtype=getattr(torch, DTYPES[dtype]) if dtype else None, dual_chunk_attention=dual_chunk_attention
+        d,
+        dtype=getattr(torch, DTYPES[dtype]) if dtype else None,
+        dual_chunk_attention=dual_chunk_attention,
+        check_finite=check_finite,
     )
     tokenizer.check_vocab(model.config.vocab_size)
     return model, tokenizer, d
@@ -98,7 +101,7 @@ def run_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise ValueError("empty prompt: pass --prompt TEXT or pipe text on stdin")
-    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention)
+    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention, args.check_finite)
     params = sampling_params(args, d, tokenizer, chat=False)
     ids = tokenizer.encode(prompt)
     gen = generate(model, ids, params=params, tokenizer=tokenizer, compile=args.compile)
@@ -117,7 +120,7 @@ def run_chat(args) -> int:
     from qwen2.sampling import check_prompt
     from qwen2.tokenizer.chat import DEFAULT_SYSTEM_PROMPT, encode_chat
 
-    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention)
+    model, tokenizer, d = load(args.model, args.dtype, args.dual_chunk_attention, args.check_finite)
     params = sampling_params(args, d, tokenizer, chat=True)
     system = args.system if args.system is not None else DEFAULT_SYSTEM_PROMPT
     session = ChatSession(model, tokenizer, params, compile=args.compile)
@@ -184,7 +187,9 @@ def run_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new --out directory")
-    model = load_model(src, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
+    model = load_model(
+        src, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, check_finite=args.check_finite
+    )
     t0 = time.perf_counter()
     quantize_model(model, bits=args.bits, group_size=args.group_size, lm_head=not args.no_lm_head)
     with atomic_dir(out) as tmp:  # an interrupted run leaves no half-written checkpoint

@@ -32,6 +32,9 @@ def add_parsers(sub):
         if name in ("dpo", "online-dpo"):
             p.add_argument("--base-model", help="the pre-trained checkpoint (for optimizer ondare / onties)")
         p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+        p.add_argument(
+            "--allow-changed", action="store_true", help="resume although hyper-parameters changed (recorded)"
+        )
         p.set_defaults(func=run, stage=name)
 
 
@@ -49,7 +52,7 @@ def config_for(a):
 def run(a) -> int:
     from qwen2.train.posttrain import run_posttrain
 
-    summary = run_posttrain(config_for(a), resume=not a.no_resume)
+    summary = run_posttrain(config_for(a), resume=not a.no_resume, allow_changed=a.allow_changed)
     if summary:
         final = {k: round(v, 4) for k, v in summary["final"].items() if "loss" in k or "acc" in k}
         print(f"{a.stage}: {summary['steps']} steps, model: {summary['model']}  {final}")

@@ -135,6 +135,7 @@ def serve(
     allowed_hosts: tuple[str, ...] = (),
     dtype: str | None = None,
     dual_chunk_attention: bool = False,
+    check_finite: bool = False,
     limits: dict | None = None,
     **engine_kwargs,
 ) -> None:
@@ -146,7 +147,10 @@ def serve(
     api_key = resolve_api_key(api_key, api_key_file)
     Limits(**(limits or {}))  # a bad flag fails in one line now, not after the model has loaded
     model = load_model(
-        model_dir, dtype=getattr(torch, dtype) if dtype else None, dual_chunk_attention=dual_chunk_attention
+        model_dir,
+        dtype=getattr(torch, dtype) if dtype else None,
+        dual_chunk_attention=dual_chunk_attention,
+        check_finite=check_finite,
     ).eval()
     tokenizer = load_tokenizer(model_dir)
     tokenizer.check_vocab(model.config.vocab_size)

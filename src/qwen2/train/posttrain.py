@@ -204,8 +204,9 @@ def total_steps(cfg: PostTrainConfig, n_train: int, step_size: int) -> int:
     return cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * n_train / step_size))
 
 
-def run_posttrain(cfg: PostTrainConfig, resume: bool = True) -> dict:
-    """Run (or resume) one post-training stage; returns its summary (also OUT/summary.json)."""
+def run_posttrain(cfg: PostTrainConfig, resume: bool = True, allow_changed: bool = False) -> dict:
+    """Run (or resume) one post-training stage; returns its summary (also OUT/summary.json).
+    allow_changed: resume although the recipe's fields changed (state.load_checkpoint records them)."""
     from qwen2.tokenizer.bpe import load_tokenizer
     from qwen2.train.parallel import init_distributed
     from qwen2.train.pretrain import _write_json
@@ -241,7 +242,7 @@ def run_posttrain(cfg: PostTrainConfig, resume: bool = True) -> dict:
                     f"{run_dir} holds a finished {kind} run; pass --no-resume (or another --out) to redo it"
                 )
             return json.loads((run_dir / "summary.json").read_text()) if rank == 0 else {}
-        load_checkpoint(trainer, loader, ckpt)
+        load_checkpoint(trainer, loader, ckpt, allow_changed=allow_changed)
         if rank == 0:
             print(f"resuming {run_dir} from {ckpt.name}; --no-resume starts over")
     last = trainer.fit(objective, loader, end_step=end, eval_batches=eval_batches, desc=kind)

@@ -246,7 +246,7 @@ class _Budget:
         return False if end <= trainer.step else end
 
 
-def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
+def run_pretrain(cfg: PretrainConfig, resume: bool = True, allow_changed: bool = False) -> dict:
     """Run (or resume) the whole pre-training; returns a summary (also written to run_dir/summary.json)."""
     from qwen2.data import PackedLoader
     from qwen2.model import build_model
@@ -324,7 +324,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True) -> dict:
     if stage == "long":  # its settings now; the step, its start and the optimizer come from the checkpoint
         begin_long_stage()
     if ckpt is not None:
-        load_checkpoint(trainer, long_loader if stage == "long" else loader, ckpt)
+        load_checkpoint(
+            trainer, long_loader if stage == "long" else loader, ckpt, allow_changed=allow_changed
+        )
         if rank == 0:
             print(f"resuming {run_dir} from {ckpt.name} (stage {stage}); --no-resume starts over")
     plan = trainer.meta.setdefault("plan", {})

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qwen2.checkpoint import INDEX, SINGLE, CheckpointError, save_model
+from qwen2.checkpoint import CheckpointError, read_headers, save_model
 from qwen2.config import ModelConfig
-from qwen2.files import read_json_object
 from qwen2.model import Qwen2
 
 ARCHITECTURE = "Qwen2ForSequenceClassification"
@@ -105,12 +104,7 @@ def load_reward_model(
         raise CheckpointError(
             f"{cfg_file}: id2label has {len(labels)} labels; a reward model has num_labels=1"
         )
-    if (directory / INDEX).is_file():
-        files = sorted({directory / f for f in read_json_object(directory / INDEX)["weight_map"].values()})
-    elif (directory / SINGLE).is_file():
-        files = [directory / SINGLE]
-    else:
-        raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX}")
+    files = sorted({file for file, _, _ in read_headers(directory).values()})  # every header checked first
     dtype = dtype or getattr(torch, config.torch_dtype)
     state = {}
     for file in files:

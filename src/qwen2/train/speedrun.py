@@ -34,13 +34,13 @@ def speedrun(
     return pretrain_and_report(speedrun_recipe(minutes, out, corpus), resume=resume)
 
 
-def pretrain_and_report(cfg: PretrainConfig, resume: bool = True) -> dict:
+def pretrain_and_report(cfg: PretrainConfig, resume: bool = True, allow_changed: bool = False) -> dict:
     """run_pretrain, then (rank 0) plots, throughput, MFU and samples into OUT/report.{md,json}."""
     from qwen2.train.pretrain import run_pretrain
 
     t0 = time.perf_counter()
     require("matplotlib", "plot", "the speedrun report's plots")  # first: a long run must not fail at its end
-    summary = run_pretrain(cfg, resume=resume)
+    summary = run_pretrain(cfg, resume=resume, allow_changed=allow_changed)
     if not summary:  # ranks > 0
         return {}
     return make_report(cfg, summary, t0)
