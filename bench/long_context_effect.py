@@ -31,28 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from qwen2.checkpoint import load_model  # noqa: E402
-from qwen2.model import build_model  # noqa: E402
 from qwen2.train import recipes  # noqa: E402
 from qwen2.train.objectives import token_losses  # noqa: E402
-
-VARIANTS = ("plain RoPE", "static YaRN", "dynamic YaRN", "YaRN + DCA")
-
-
-def variant(base, name: str, length: int, l0: int):
-    """The checkpoint's weights under another position scheme for `length` tokens (trained at l0)."""
-    c = base.config.replace(max_position_embeddings=l0)
-    if name == "YaRN + DCA":
-        config = c.with_dual_chunk_attention(context=length)
-    else:
-        config = c.replace(max_position_embeddings=length)
-        yarn = {"type": "yarn", "original_max_position_embeddings": l0}
-        if name == "static YaRN":
-            config = config.replace(rope_scaling={**yarn, "factor": length / l0})
-        elif name == "dynamic YaRN":
-            config = config.replace(rope_scaling={**yarn, "factor": 16.0, "dynamic": True})
-    model = build_model(config, seed=None)
-    model.load_state_dict(base.state_dict(), strict=True, assign=True)
-    return model.eval()
+from qwen2.train.stages import VARIANTS, position_variant  # noqa: E402
 
 
 def held_out_rows(run: Path, length: int, rows: int) -> tuple[torch.Tensor, str]:
@@ -121,7 +102,7 @@ def main() -> None:
         rows, source = held_out_rows(run, length, args.rows)
         r = {"source": source, "loss": {}, "mean_beyond_l0": {}}
         for name in VARIANTS:
-            losses = losses_by_position(variant(base, name, length, l0), rows, args.bins)
+            losses = losses_by_position(position_variant(base, name, length, l0), rows, args.bins)
             r["loss"][name] = losses
             beyond = [x for i, x in enumerate(losses) if (i + 0.5) * length / args.bins > l0]
             r["mean_beyond_l0"][name] = sum(beyond) / len(beyond)

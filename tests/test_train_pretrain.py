@@ -172,7 +172,8 @@ def test_bad_recipe_is_one_line_error(tmp_path, capsys):
 def test_speedrun_on_a_tiny_corpus_and_budget(tmp_path, capsys):
     corpus = _write_corpus(tmp_path / "corpus", n_files=60, seed=1)
     torch.set_num_threads(1)
-    assert main(["speedrun", "--minutes", "0.4", "--corpus", str(corpus), "--out", str(tmp_path / "sr")]) == 0
+    args = ["speedrun", "--minutes", "0.4", "--corpus", str(corpus), "--out", str(tmp_path / "sr")]
+    assert main([*args, "--stages", "pretrain"]) == 0  # the post-training chain: test_speedrun_chain.py
     out = capsys.readouterr().out
     # the hint names the model when it is not the default
     assert f"--model {tmp_path / 'sr' / 'model'}" in out

@@ -288,15 +288,26 @@ def _add_speedrun(sub):
         help="a folder of text / JSONL / parquet to train on (default: the Python standard library)",
     )
     p.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of pretrain,synth,sft,reward,dpo,online-dpo,eval,needle (default: all)",
+    )
+    p.add_argument(
+        "--allow-changed", action="store_true", help="resume although hyper-parameters changed (recorded)"
+    )
+    p.add_argument(
         "--no-resume", action="store_true", help="start over instead of resuming the newest checkpoint"
     )
 
     def run(a):
-        from qwen2.train.speedrun import speedrun
+        from qwen2.train.speedrun import STAGES, speedrun
 
         if a.minutes <= 0:
             raise ValueError(f"--minutes must be positive, got {a.minutes}")
-        report = speedrun(a.minutes, a.out, a.corpus, resume=not a.no_resume)
+        stages = [x.strip() for x in a.stages.split(",") if x.strip()] if a.stages else STAGES
+        report = speedrun(
+            a.minutes, a.out, a.corpus, resume=not a.no_resume, stages=stages, allow_changed=a.allow_changed
+        )
         if report:
             from pathlib import Path
 
@@ -312,6 +323,9 @@ def _add_speedrun(sub):
             print(
                 "try: qwen2 generate --prompt 'def main():'" + ("" if same else f" --model {report['model']}")
             )
+            if "recipe" in report:
+                final = Path(a.out) / "posttrain" / "online-dpo" / "model"
+                print(f"the post-trained model: qwen2 chat --model {final}  (report card: {a.out}/report.md)")
 
     p.set_defaults(func=run)
 

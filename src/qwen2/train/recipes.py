@@ -277,6 +277,7 @@ def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | No
         long_min_doc_tokens=256 if small else 512,
         samples=2 if small else 4,
         sample_tokens=40 if small else 80,
+        task_problems=3_000 if small else 30_000,
     )
 
 

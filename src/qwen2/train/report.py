@@ -211,3 +211,134 @@ def write_report(run_dir: str | Path, summary: dict, samples: list[dict], extra:
             lines += [f"Prompt: `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
+
+
+def write_recipe_report(run_dir: str | Path, report: dict) -> Path:
+    """report.json (everything) and report.md: the pre-training report, then the recipe's stages (each
+    one's wall time, tokens and effect), the models' accuracy and alignment tax, passkey retrieval with and
+    without YaRN + DCA, and chat samples (speedrun.recipe_report's `report["recipe"]`)."""
+    from qwen2.files import atomic_write_text
+
+    run_dir = Path(run_dir)
+    write_report(run_dir, {k: v for k, v in report.items() if k != "samples"}, report.get("samples", []))
+    recipe, lines = report["recipe"], [""]
+    chain = recipe["chain"]
+    secs = chain["seconds"]
+    rows = {r["model"]: r for r in chain.get("eval") or []}
+
+    def acc(name):
+        return f"accuracy {100 * rows[name]['accuracy']:.1f}%" if name in rows else ""
+
+    def tax(name):
+        return f"tax {rows[name]['tax']:+.3f}" if name in rows else ""
+
+    def tokens(stage):
+        return f"{stage['tokens']:,}" if stage else ""
+
+    table = [
+        (
+            "pretrain",
+            report.get("wall_seconds"),
+            f"{report.get('tokens', 0):,}",
+            _pretrain_effect(report, rows),
+        )
+    ]
+    if chain.get("synth"):
+        s = chain["synth"]
+        table.append(
+            (
+                "synth",
+                secs.get("synth"),
+                "",
+                f"{100 * s['right_fraction']:.1f}% right samples, {s['pairs']} pairs",
+            )
+        )
+    if chain.get("sft"):
+        table.append(("sft", secs.get("sft"), tokens(chain["sft"]), acc("SFT")))
+    if chain.get("reward"):
+        held = chain["reward"]["final"].get("eval_accuracy")
+        table.append(
+            (
+                "reward",
+                secs.get("reward"),
+                tokens(chain["reward"]),
+                f"held-out pair accuracy {held:.2f}" if held is not None else "",
+            )
+        )
+    for opt, got in (chain.get("dpo") or {}).items():
+        margin = got["final"].get("eval_rewards/margins")
+        effect = ", ".join(
+            x
+            for x in (
+                acc(f"DPO {opt}"),
+                tax(f"DPO {opt}"),
+                f"margin {margin:+.3f}" if margin is not None else "",
+            )
+            if x
+        )
+        table.append((f"dpo ({opt})", secs.get(f"dpo-{opt}"), tokens(got), effect))
+    if chain.get("online-dpo"):
+        got = chain["online-dpo"]
+        effect = ", ".join(
+            x
+            for x in (
+                acc("online DPO"),
+                tax("online DPO"),
+                f"reward {got['final'].get('reward/mean', 0):+.3f}",
+            )
+            if x
+        )
+        table.append(("online dpo", secs.get("online-dpo"), tokens(got), effect))
+    if "needle" in recipe:
+        g = recipe["needle"]
+        far = [k for k in next(iter(g["accuracy"].values())) if int(k.split("/")[0]) > g["l0"]]
+        means = {n: sum(a[k] for k in far) / max(1, len(far)) for n, a in g["accuracy"].items()}
+        table.append(
+            (
+                "needle",
+                secs.get("needle"),
+                "",
+                ", ".join(f"{n} {100 * m:.0f}% beyond {g['l0']}" for n, m in means.items()),
+            )
+        )
+    lines += [
+        "## The recipe, stage by stage",
+        "",
+        "| stage | wall (s) | tokens | effect |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b if b is not None else ''} | {c} | {d} |" for a, b, c, d in table]
+    if rows:
+        lines += [
+            "",
+            "| model | held-out accuracy | held-out pre-training loss | alignment tax |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {100 * r['accuracy']:.1f}% | {r['lm_loss']:.4f} | {r['tax']:+.4f} |"
+            for r in rows.values()
+        ]
+    if "needle" in recipe:
+        lines += ["", f"![passkey retrieval]({Path(recipe['needle']['png']).name})"]
+    if recipe.get("chat_samples"):
+        lines += ["", "## Chat with the final model (ChatML)", ""]
+        for s in recipe["chat_samples"]:
+            lines += [
+                f"- **user:** {s['user']}  ",
+                f"  **assistant:** {s['assistant']!r}"
+                + (f" (expected {s['expected']})" if s["expected"] else ""),
+            ]
+    md = run_dir / "report.md"
+    atomic_write_text(md, md.read_text() + "\n".join(lines) + "\n")
+    return md
+
+
+def _pretrain_effect(report: dict, rows: dict) -> str:
+    parts = []
+    if report.get("final_eval_loss") is not None:
+        parts.append(f"held-out loss {report['final_eval_loss']:.3f}")
+    if "base" in rows and "accuracy_pretraining_format" in rows["base"]:
+        parts.append(
+            f"task accuracy {100 * rows['base']['accuracy_pretraining_format']:.1f}% (Question/Answer form)"
+        )
+    return ", ".join(parts)

@@ -22,6 +22,7 @@ from qwen2.tokenizer.chat import encode_chat
 from qwen2.train import recipes
 
 FAMILIES = ("arithmetic", "strings")
+VARIANTS = ("plain RoPE", "static YaRN", "dynamic YaRN", "YaRN + DCA")
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -194,7 +195,8 @@ def run_chain(out: Path, base_run: Path, cc: ChainConfig, stages=CHAIN_STAGES, l
         return value
 
     def post(cls, fields):
-        return run_posttrain(recipes.override(cls(), {**common, **fields}, source=fields["out"]))
+        summary = run_posttrain(recipes.override(cls(), {**common, **fields}, source=fields["out"]))
+        return {k: summary[k] for k in ("final", "steps", "tokens", "model", "seconds")}
 
     # synthesis: rejection sampling of the pre-trained model in its own format
     made = out / "synth.json"
@@ -209,11 +211,11 @@ def run_chain(out: Path, base_run: Path, cc: ChainConfig, stages=CHAIN_STAGES, l
     if "sft" in stages:
         sft = {"out": str(out / "sft"), "model": str(base), "data": str(out / "sft.jsonl"), "lr": cc.sft_lr}
         sft.update(epochs=2.0, batch_size=16, warmup_steps=10, packing=True)
-        result["sft"] = timed("sft", lambda: post(recipes.SFTConfig, sft))["final"]
+        result["sft"] = timed("sft", lambda: post(recipes.SFTConfig, sft))
     if "reward" in stages:
         rm = {"out": str(out / "reward"), "model": str(sft_dir), "data": str(out / "pairs.jsonl")}
         rm.update(epochs=2.0, batch_size=8, lr=cc.reward_lr, heldout_fraction=0.1)
-        result["reward"] = timed("reward", lambda: post(recipes.RewardConfig, rm))["final"]
+        result["reward"] = timed("reward", lambda: post(recipes.RewardConfig, rm))
     omo = {"merge_alpha": cc.merge_alpha, "merge_reserve": cc.merge_reserve, "base_model": str(base)}
     dpo = {"model": str(sft_dir), "data": str(out / "pairs.jsonl"), "epochs": 2.0, "batch_size": 8}
     dpo.update(lr=cc.dpo_lr, warmup_steps=5)
@@ -224,7 +226,7 @@ def run_chain(out: Path, base_run: Path, cc: ChainConfig, stages=CHAIN_STAGES, l
             "out": str(out / f"dpo-{opt}"),
             **({} if opt == "adamw" else {"optimizer": opt, **omo}),
         }
-        result["dpo"][opt] = timed(f"dpo-{opt}", lambda f=fields: post(recipes.DPOConfig, f))["final"]
+        result["dpo"][opt] = timed(f"dpo-{opt}", lambda f=fields: post(recipes.DPOConfig, f))
     if "online-dpo" in stages:
         write_jsonl(out / "prompts.jsonl", [{"prompt": tasks.as_messages(p)[:-1]} for p in prompt_p])
         start = out / f"dpo-{cc.dpo_optimizers[0]}" / "model"
@@ -233,7 +235,7 @@ def run_chain(out: Path, base_run: Path, cc: ChainConfig, stages=CHAIN_STAGES, l
         online.update(lr=cc.online_lr, warmup_steps=2, heldout_fraction=0.0)
         if cc.online_optimizer != "adamw":
             online.update(optimizer=cc.online_optimizer, **omo)
-        result["online-dpo"] = timed("online-dpo", lambda: post(recipes.OnlineDPOConfig, online))["final"]
+        result["online-dpo"] = timed("online-dpo", lambda: post(recipes.OnlineDPOConfig, online))
     if "eval" in stages:
         models = {"base": base, "SFT": sft_dir}
         models.update({f"DPO {o}": out / f"dpo-{o}" / "model" for o in cc.dpo_optimizers})
@@ -262,3 +264,98 @@ def evaluate(models: dict[str, Path], base_run: Path, heldout: list[dict]) -> li
             row["accuracy_pretraining_format"] = accuracy(Path(d), heldout, chat=False)
         rows.append(row)
     return rows
+
+
+def position_variant(base, name: str, length: int, l0: int):
+    """`base`'s weights under another position scheme for `length` tokens (trained at l0): one of VARIANTS
+    (plain RoPE, static YaRN with factor length / l0, dynamic YaRN, YaRN + DCA as
+    ModelConfig.with_dual_chunk_attention adds it)."""
+    from qwen2.model import build_model
+
+    c = base.config.replace(max_position_embeddings=l0)
+    if name == "YaRN + DCA":
+        config = c.with_dual_chunk_attention(context=length)
+    else:
+        config = c.replace(max_position_embeddings=length)
+        yarn = {"type": "yarn", "original_max_position_embeddings": l0}
+        if name == "static YaRN":
+            config = config.replace(rope_scaling={**yarn, "factor": length / l0})
+        elif name == "dynamic YaRN":
+            config = config.replace(rope_scaling={**yarn, "factor": 16.0, "dynamic": True})
+    model = build_model(config, seed=None)
+    model.load_state_dict(base.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def passkey_grid(
+    model_dir: Path,
+    l0: int,
+    lengths: list[int],
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 2,
+    variants=("plain RoPE", "YaRN + DCA"),
+    seed: int = 0,
+) -> dict:
+    """Needle in a haystack in the form the model was trained on (data.tasks' passkey: the key hidden in
+    filler, asked for at the end), at each length x depth, greedy, for each position variant of the same
+    weights (position_variant; trained at l0). {"lengths", "depths", "accuracy": {variant: {"L/d": acc}}}."""
+    from qwen2.generation import generate
+
+    tok = load_tokenizer(model_dir)
+    base = load_model(model_dir, dtype=torch.float32, kernels=False)
+    para = len(tok.encode(tasks.FILLER))
+    rng = random.Random(seed)
+    out = {"lengths": list(lengths), "depths": list(depths), "l0": l0, "accuracy": {}}
+    jobs = []
+    for n in lengths:
+        paragraphs = max(1, (n - 40) // para)
+        for d in depths:
+            for _ in range(trials):
+                key, before = str(rng.randint(10000, 99999)), round(d * paragraphs)
+                text = (
+                    tasks.FILLER * before + f"The pass key is {key}. " + tasks.FILLER * (paragraphs - before)
+                )
+                jobs.append(
+                    (n, d, key, tok.encode(tasks.prompt_text({"question": text + "What is the pass key?"})))
+                )
+    for name in variants:
+        acc: dict[str, float] = {}
+        for n in lengths:
+            model = position_variant(base, name, max(n, l0) + 64, l0)
+            mine = [j for j in jobs if j[0] == n]
+            for s in range(0, len(mine), 4):
+                batch = mine[s : s + 4]
+                gen = generate(model, [j[3] for j in batch], 8, temperature=0.0)
+                for _ in gen:
+                    pass
+                for i, (_, d, key, _) in enumerate(batch):
+                    text = tok.decode(gen.output_ids[i])
+                    acc[f"{n}/{d}"] = acc.get(f"{n}/{d}", 0.0) + (key in text) / trials
+        out["accuracy"][name] = acc
+    return out
+
+
+def plot_passkey_grid(grid: dict, path: Path) -> Path:
+    """One heat map per variant: depth (rows) x length (columns), accuracy 0-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, lengths, depths = list(grid["accuracy"]), grid["lengths"], grid["depths"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        cells = [[grid["accuracy"][name][f"{n}/{d}"] for n in lengths] for d in depths]
+        im = ax.imshow(cells, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
+        ax.set_xlabel(f"context (tokens; trained at {grid['l0']})")
+        ax.set_ylabel("key depth")
+        ax.set_title(name)
+    fig.colorbar(im, ax=axes[0].tolist())
+    fig.suptitle("passkey retrieval", y=1.04)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
