@@ -415,6 +415,10 @@ class Trainer:
 
 
 def _count_tokens(batch) -> int:
+    """Tokens a micro-batch trains on: its `n_tokens` when it says (padded post-training batches), else
+    every target position."""
     from qwen2.train.objectives import split_batch
 
+    if isinstance(batch, dict) and "n_tokens" in batch:
+        return int(batch["n_tokens"])
     return int(split_batch(batch)[1].numel())

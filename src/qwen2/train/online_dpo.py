@@ -165,6 +165,7 @@ class OnlinePairs:
             )
         pairs = pairs[: cfg.batch_size]
         batch = preference_batch(pairs, self.tok.endoftext_id)
+        batch["n_tokens"] = sum(len(e["input_ids"]) for pair in pairs for e in pair)
         t2 = time.perf_counter()
         device = next(self.reference.parameters()).device
         with torch.no_grad():

@@ -119,6 +119,7 @@ def sft_collate(examples: list[dict], cfg: SFTConfig, pad_id: int, parts: int):
     def collate(micro, whole):
         batch = [examples[i] for i in micro]
         out = pack(batch, cfg.max_len, pad_id) if cfg.packing else pad(batch, pad_id)
+        out["n_tokens"] = sum(len(e["input_ids"]) for e in batch)  # not the padding
         step_tokens = sum(_labelled(examples[i]) for i in whole)
         out["loss_scale"] = torch.tensor(parts / max(step_tokens, 1))
         return out
@@ -144,6 +145,7 @@ def pair_collate(pairs: list[tuple[dict, dict]], pad_id: int, ref_logps: torch.T
 
     def collate(micro, whole):
         out = preference_batch([pairs[i] for i in micro], pad_id)
+        out["n_tokens"] = sum(len(e["input_ids"]) for i in micro for e in pairs[i])
         if ref_logps is not None:
             out["ref_logps"] = torch.cat([ref_logps[micro, 0], ref_logps[micro, 1]])
         return out

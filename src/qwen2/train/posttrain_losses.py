@@ -56,8 +56,14 @@ def sft_loss(model, batch: dict, chunk_rows: int | None = None):
     """SFT objective: mean next-token cross-entropy over the micro-batch's labelled (assistant) tokens."""
     h = body(model, batch["input_ids"], batch.get("position_ids"))
     labels = batch["labels"]
-    loss = linear_cross_entropy(h, model.output_weight, labels, chunk_rows)
-    return loss, {"loss": loss.detach(), "tokens": (labels != IGNORE_INDEX).sum().float()}
+    keep = labels != IGNORE_INDEX
+    # Only labelled rows reach the output layer: prompt and padding rows never make [V] logits.
+    loss = (
+        linear_cross_entropy(h[keep], model.output_weight, labels[keep], chunk_rows)
+        if keep.any()
+        else h.sum() * 0
+    )
+    return loss, {"loss": loss.detach(), "tokens": keep.sum().float()}
 
 
 def _chunk_logps(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,11 @@ def recipe_report(cfg: PretrainConfig, report: dict, stages, minutes: float, sta
     from qwen2.train.stages import passkey_grid, plot_passkey_grid, run_chain
 
     run = Path(cfg.out)
-    chain = run_chain(run / "posttrain", run, chain_config(minutes), stages)
-    recipe = {"chain": chain}
+    recipe = dict(report.get("recipe") or {})  # a rerun of some stages keeps the others' results
+    got = run_chain(run / "posttrain", run, chain_config(minutes), stages)
+    chain = {**recipe.get("chain", {}), **{k: v for k, v in got.items() if v}}
+    chain["seconds"] = {**recipe.get("chain", {}).get("seconds", {}), **got["seconds"]}
+    recipe["chain"] = chain
     if "needle" in stages:
         t = time.perf_counter()
         l0 = cfg.long_seq_len
