@@ -313,8 +313,9 @@ def _add_speedrun(sub):
 
             from qwen2.cli.commands import DEFAULT_MODEL
 
+            wall = report.get("recipe_seconds") or report["wall_seconds"]
             print(
-                f"speedrun done in {report['wall_seconds'] / 60:.1f} min: final held-out loss "
+                f"speedrun done in {wall / 60:.1f} min: final held-out loss "
                 f"{report['final_eval_loss']:.3f}, {report['tokens_per_s']:.0f} tokens/s, "
                 f"MFU {100 * report['mfu']:.1f}%"
             )
