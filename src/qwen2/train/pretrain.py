@@ -282,24 +282,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, allow_changed: bool =
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, device=device, seed=cfg.seed)
     trainer = Trainer(model, cfg.train_config("pretrain"), run_dir, stage="pretrain")
-    loader = PackedLoader(
-        stage1_mixture(cfg, train, task_docs["pretrain"]),
-        cfg.seq_len,
-        cfg.batch_size,
-        rank,
-        world,
-        seed=cfg.seed,
-        spread=cfg.spread,
-    )
-    long_loader = PackedLoader(
-        long_mixture(cfg, train, task_docs["long"]),
-        cfg.long_seq_len,
-        cfg.long_batch_size,
-        rank,
-        world,
-        seed=cfg.seed,
-        spread=cfg.spread,
-    )
+
+    def packed(data, seq_len: int, batch_size: int):
+        return PackedLoader(data, seq_len, batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
+
+    loader = packed(stage1_mixture(cfg, train, task_docs["pretrain"]), cfg.seq_len, cfg.batch_size)
+    long_loader = packed(long_mixture(cfg, train, task_docs["long"]), cfg.long_seq_len, cfg.long_batch_size)
 
     def begin_long_stage():
         """RoPE base 10^4 -> 10^6 on the plain Qwen2 (trainer.model: under DDP / FSDP2 the wrappers
