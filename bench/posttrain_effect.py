@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     base_fmt = rows[0].get("accuracy_pretraining_format", 0.0)
     margins = {k: v["final"].get("eval_rewards/margins") for k, v in got["dpo"].items()}
     print(f"base model in its pre-training format: {100 * base_fmt:.1f}% (the table: through ChatML)")
-    print(f"synthesis: {got['synth']}; reward model held-out accuracy {got['reward']['final'].get('eval_accuracy')}")
+    rm_acc = got["reward"]["final"].get("eval_accuracy")
+    print(f"synthesis: {got['synth']}; reward model held-out accuracy {rm_acc}")
     print(f"DPO held-out reward margins: {margins}")
     result = {
         **{k: got[k] for k in ("synth", "sft", "reward", "dpo", "online-dpo")},

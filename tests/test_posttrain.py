@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from posttrain_data import make_world
-from qwen2.train.posttrain import ExampleLoader, run_posttrain
+from qwen2.train.examples import ExampleLoader
+from qwen2.train.posttrain import run_posttrain
 from qwen2.train.recipes import DPOConfig, RewardConfig, SFTConfig
 
 transformers = pytest.importorskip("transformers")

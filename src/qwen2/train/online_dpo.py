@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qwen2.train.posttrain import ExampleLoader
+from qwen2.train.examples import ExampleLoader
 
 
 def reward_scorer(reward_model, tok, max_len: int, batch_size: int = 16):
