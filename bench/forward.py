@@ -1,9 +1,16 @@
-"""Prefill throughput of our Qwen2 vs transformers, and our MoE block vs transformers' MoE block.
+"""Prefill throughput of our Qwen2 vs transformers, our MoE block vs transformers' MoE block, and our
+grouped MoE layer (kernels/moe.py) against this machine's measured matmul peak and memory bandwidth.
 
 Same run, same weights, same inputs; printed as ratios (ours / transformers, > 1 means faster).
-    python bench/forward.py [--tokens 512] [--repeat 3]
+    python bench/forward.py [--tokens 512] [--repeat 3] [--only prefill,moe,grouped]
 Model: random weights at the real Qwen2-0.5B shape. MoE: one Qwen2-57B-A14B layer (64 experts,
 top-8, shared expert 8x wide), hidden and expert widths scaled down so it fits this machine.
+
+The grouped rows time the installed block (forward, and forward + backward with the input's and every
+weight's gradient) at 1, 64, 512 and 4096 tokens, as GFLOP/s and as a fraction of the peak: the best of a
+few 2048^3 matmuls of the same dtype, timed in the same run. At 1 token the layer is memory-bound, so it
+is also given as a fraction of the bandwidth roofline: the bytes of the weights one token reads (its top-k
+experts, the shared expert, the router) over the measured read bandwidth (a 1 GiB sum).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from common import hf_twin, table, timeit  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.kernels import install  # noqa: E402
 from qwen2.model import SparseMoeBlock, build_model  # noqa: E402
+
+GROUPED_TOKENS = (1, 64, 512, 4096)
 
 
 def bench_prefill(tokens: int, repeat: int) -> list[dict]:
@@ -48,17 +57,21 @@ def bench_prefill(tokens: int, repeat: int) -> list[dict]:
     return rows
 
 
-def moe_pair(dtype, experts_impl: str):
-    import transformers
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
-
-    config = ModelConfig.preset("Qwen2-57B-A14B").replace(
+def moe_config() -> ModelConfig:
+    return ModelConfig.preset("Qwen2-57B-A14B").replace(
         hidden_size=1024,
         num_attention_heads=8,
         num_key_value_heads=2,
         moe_intermediate_size=640,
         shared_expert_intermediate_size=8 * 640,
     )
+
+
+def moe_pair(dtype, experts_impl: str):
+    import transformers
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    config = moe_config()
     torch.manual_seed(0)
     hc = transformers.Qwen2MoeConfig(**config.to_dict())
     hc._experts_implementation = experts_impl
@@ -105,15 +118,131 @@ def bench_moe(repeat: int) -> list[dict]:
     return rows
 
 
+def matmul_peak(dtype, n: int = 2048, tries: int = 5) -> float:
+    """GFLOP/s of the best of `tries` n^3 matmuls: the machine's practical peak for this dtype."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = min(timeit(lambda: a @ b, warmup=0, repeat=1) for _ in range(tries))
+    return 2 * n**3 / best / 1e9
+
+
+def read_bandwidth(gib: float = 1.0, tries: int = 5) -> float:
+    """GB/s of the best of `tries` sums over a `gib` GiB fp32 tensor (a read-only stream)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = min(timeit(lambda: x.sum(), repeat=1) for _ in range(tries))
+    return x.numel() * 4 / best / 1e9
+
+
+def moe_layer_flops(config: ModelConfig, tokens: int) -> int:
+    """Forward FLOPs of one MoE layer: router, shared expert and its gate, top-k experts (2 per MAC)."""
+    h = config.hidden_size
+    per_token = (
+        h * config.num_experts
+        + 3 * h * config.shared_expert_intermediate_size
+        + h
+        + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+    )
+    return 2 * per_token * tokens
+
+
+def moe_token_bytes(config: ModelConfig, itemsize: int) -> int:
+    """Weight bytes one token reads: its top-k experts, the shared expert and its gate, the router."""
+    h = config.hidden_size
+    n = (
+        config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+        + 3 * h * config.shared_expert_intermediate_size
+        + h * (config.num_experts + 1)
+    )
+    return n * itemsize
+
+
+def bench_grouped(repeat: int) -> list[dict]:
+    """Our installed (grouped) MoE layer against the measured peak; the plain model.py block for scale."""
+    import copy
+
+    from qwen2.kernels import uninstall
+
+    rows, raw = [], []
+    config = moe_config()
+    # Other work on the machine slows a sample only while it runs: the peak and the bandwidth are
+    # re-measured beside every sample and, like the samples, keep their best.
+    bandwidth = read_bandwidth()
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        peaks[dtype] = matmul_peak(dtype)
+        torch.manual_seed(0)
+        plain = SparseMoeBlock(config)
+        for p in plain.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        plain = plain.to(dtype)
+        ours = install(copy.deepcopy(plain))
+        uninstall(plain)
+        params = list(ours.parameters()) + list(plain.parameters())
+        for t in GROUPED_TOKENS:
+            x = torch.randn(1, t, config.hidden_size, dtype=dtype)
+            xg = x.clone().requires_grad_()
+            dy = torch.randn_like(x)
+
+            def step(m):
+                for p in params:
+                    p.grad = None
+                xg.grad = None
+                m(xg).backward(dy)
+
+            reps = repeat + 2 if t <= 512 else max(2, repeat - 1)
+            for what, flops, run in (
+                ("fwd", moe_layer_flops(config, t), lambda m: m(x)),
+                ("fwd+bwd", 3 * moe_layer_flops(config, t), step),
+            ):
+                grad = what != "fwd"
+                a = b = float("inf")
+                with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+                    run(ours), run(plain)  # warm-up (and the fused weights built)
+                for _ in range(reps):
+                    peaks[dtype] = max(peaks[dtype], matmul_peak(dtype, tries=1))
+                    if t == 1:
+                        bandwidth = max(bandwidth, read_bandwidth(tries=1))
+                    with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+                        a = min(a, timeit(lambda: run(ours), warmup=0, repeat=1))
+                        b = min(b, timeit(lambda: run(plain), warmup=0, repeat=1))
+                raw.append((dtype, t, what, flops, a, b, moe_token_bytes(config, x.element_size())))
+    print(f"read bandwidth {bandwidth:.1f} GB/s (1 GiB fp32 sum, best of the run)")
+    for dtype, peak in peaks.items():
+        print(f"{str(dtype)[6:]} matmul peak {peak:.0f} GFLOP/s (2048^3, best of the run)")
+    for dtype, t, what, flops, a, b, token_bytes in raw:  # fractions of the run's best peak: conservative
+        gflops = flops / a / 1e9
+        rows.append(
+            {
+                "what": f"grouped MoE layer, {t} tok, {what}",
+                "dtype": str(dtype)[6:],
+                "ms": f"{a * 1e3:.2f}",
+                "tok/s": f"{t / a:.0f}",
+                "GFLOP/s": f"{gflops:.1f}",
+                "% matmul peak": f"{gflops / peaks[dtype]:.0%}",
+                "% bandwidth roofline": f"{token_bytes / bandwidth / 1e9 / a:.0%}" if t == 1 else "",
+                "vs model.py block": f"{b / a:.2f}x",
+            }
+        )
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="prefill,moe,grouped", help="comma-separated sections to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = bench_prefill(args.tokens, args.repeat) + bench_moe(args.repeat)
-    print(table(rows, ["what", "dtype", "ours tok/s", "transformers tok/s", "ratio"]))
+    rows = (bench_prefill(args.tokens, args.repeat) if "prefill" in only else []) + (
+        bench_moe(args.repeat) if "moe" in only else []
+    )
+    if rows:
+        print(table(rows, ["what", "dtype", "ours tok/s", "transformers tok/s", "ratio"]))
+    if "grouped" in only:
+        cols = ["what", "dtype", "ms", "tok/s", "GFLOP/s", "% matmul peak", "% bandwidth roofline"]
+        print(table(bench_grouped(args.repeat), [*cols, "vs model.py block"]))
 
 
 if __name__ == "__main__":

@@ -170,10 +170,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache=None, view=None, router_logits=None):
+    def forward(self, x, cos, sin, positions, cache=None, view=None):
+        """-> (hidden [B, T, H], this layer's router logits [B*T, E] or None for a dense layer). Returned,
+        not appended to a list argument: FSDP2's pre-forward hook hands the layer copies of its arguments."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, view)
         y = self.post_attention_layernorm(h)
-        return h + (self.mlp(y, router_logits) if self.sparse else self.mlp(y))
+        if not self.sparse:
+            return h + self.mlp(y), None
+        logits = []
+        return h + self.mlp(y, logits), logits[0]
 
 
 class Body(nn.Module):
@@ -233,7 +238,9 @@ class Qwen2(nn.Module):
             cos, sin = torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
         view = cache.view(positions) if cache is not None else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, view, router_logits)
+            x, logits = layer(x, cos, sin, positions, cache, view)
+            if router_logits is not None and logits is not None:
+                router_logits.append(logits)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ What each swap does (the predicates in ops.py decide per call; without the libra
 - MLP -> GatedMLP: gate and up products, silu and product in one call (bf16, int8 or int4 weights).
 - RMSNorm, Attention's rotary and attend -> one kernel call each for a bf16 decode step.
 - Qwen2 -> a twin whose tied output layer (the embedding) goes through the Linear path above.
+- SparseMoeBlock -> moe.SparseMoeBlock: the routed experts as grouped matmuls over fused weights (moe.py;
+  the expert parameters become views of them, so the state dict is unchanged), forward and backward.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from qwen2 import model as core
 from qwen2 import quantize
 from qwen2.attention import attend
-from qwen2.kernels import ops
+from qwen2.kernels import moe, ops
 from qwen2.rope import apply_rotary
 
 
@@ -119,6 +121,7 @@ SWAPS = {
     core.RMSNorm: RMSNorm,
     core.Attention: Attention,
     core.Qwen2: Qwen2,
+    core.SparseMoeBlock: moe.SparseMoeBlock,
 }
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from qwen2.extras import MissingExtra, require
-from qwen2.train import parallel
+from qwen2.train import moe_stats, parallel
 from qwen2.train.state import rng_state, save_checkpoint, set_rng_state
 
 
@@ -411,7 +411,20 @@ class Trainer:
             self.log({"final": True, **ev})
             last.update(ev)
         save_checkpoint(self, loader)
+        self._plot_expert_load()
         return last
+
+    def _plot_expert_load(self) -> None:
+        """OUT/expert_load_<stage>.png: the stage's [layers, experts] load of an MoE model (moe_stats)."""
+        load = moe_stats.accumulated_load(self.model)  # collective: every rank calls it
+        if load is None or not self.is_main:
+            return
+        try:
+            png = moe_stats.plot_expert_load(load, self.run_dir / f"expert_load_{self.stage}.png", self.stage)
+        except MissingExtra as e:  # matplotlib is optional; the per-step summaries are in metrics.jsonl
+            print(f"note: {e}; no expert-load plot")
+        else:
+            print(f"expert load: {png}")
 
 
 def _count_tokens(batch) -> int:

@@ -108,7 +108,6 @@ def linear_cross_entropy(
         return _LinearCrossEntropy.apply(h2, weight, t, chunk_rows or chunk_rows_for(weight.shape[0]), dtype)
 
 
-@torch.no_grad()
 def load_balancing_loss(
     router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
