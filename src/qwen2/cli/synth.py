@@ -25,8 +25,9 @@ def _backend(p):
     p.add_argument(
         "--chunk",
         type=int,
-        default=16,
-        help="items per round of requests (at most this many redone after a kill)",
+        default=None,
+        help="items per round of requests, at most this many redone after a kill (default: 2 x --concurrency,"
+        " so a round keeps every request slot busy)",
     )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -123,7 +124,7 @@ def run(a) -> int:
                 timeout=a.timeout,
                 retries=a.retries,
             )
-            common = dict(seed=a.seed, chunk=a.chunk, max_tokens=a.max_tokens)
+            common = dict(seed=a.seed, chunk=a.chunk or 2 * a.concurrency, max_tokens=a.max_tokens)
             manifest = _pipeline(a, backend, common)
         except EndpointError as e:
             print(f"qwen2 synth: error: {e}", file=sys.stderr)
