@@ -160,3 +160,15 @@ def test_install_puts_it_in_a_moe_model_and_training_matches():
     uninstall(model)
     assert all(type(b) is core.SparseMoeBlock for b in blocks)
     torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_an_expert_width_grouped_mm_cannot_take_runs_the_loop():
+    """torch._grouped_mm needs 16-byte rows; an upcycled expert width such as 53 must still run."""
+    cfg = CONFIG.replace(moe_intermediate_size=53)
+    torch.manual_seed(0)
+    ref = core.SparseMoeBlock(cfg)
+    ours = copy.deepcopy(ref)
+    ours.__class__ = moe.SparseMoeBlock
+    x = torch.randn(1, 40, cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)

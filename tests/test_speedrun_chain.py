@@ -1,5 +1,5 @@
 """The speedrun end to end at a tiny budget (issue: the whole recipe in miniature): every stage runs
-(pretrain with problems mixed in, synth, SFT, reward model, DPO with AdamW / OnDARE / OnTIES, online DPO
+(pretrain with problems mixed in, the optional MoE upcycling, synth, SFT, reward model, DPO with AdamW / OnDARE / OnTIES, online DPO
 with OnDARE, eval, passkey retrieval with and without YaRN + DCA), every stage's checkpoint loads in
 transformers and in our loader, the report card names every stage, and a rerun resumes instead of
 training again."""
@@ -23,7 +23,7 @@ def test_every_stage_runs_and_every_checkpoint_loads(tmp_path, capsys):
     corpus = _write_corpus(tmp_path / "corpus", n_files=60, seed=2)
     torch.set_num_threads(2)
     args = ["speedrun", "--minutes", "1.5", "--corpus", str(corpus), "--out", str(tmp_path / "sr")]
-    assert main(args) == 0
+    assert main([*args, "--moe"]) == 0
     run = tmp_path / "sr"
     report = json.loads((run / "report.json").read_text())
     chain = report["recipe"]["chain"]
@@ -55,10 +55,12 @@ def test_every_stage_runs_and_every_checkpoint_loads(tmp_path, capsys):
         "| dpo (ondare) |",
         "| online dpo |",
         "| needle |",
+        "| moe (upcycled) |",
     ):
         assert stage in md
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    lms = [run / "model"] + [
+    assert report["recipe"]["moe"]["steps"] > 0 and (run / "moe" / "expert_load_moe.png").is_file()
+    lms = [run / "model", run / "moe" / "model"] + [
         run / "posttrain" / s / "model" for s in ("sft", "dpo-adamw", "dpo-ondare", "online-dpo")
     ]
     for d in lms:

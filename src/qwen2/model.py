@@ -80,6 +80,17 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(x.dtype), ids
 
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows `xs` [N, H] sorted by expert (`counts` [E] rows each) -> each row through its expert.
+        kernels.moe overrides this with grouped matmuls."""
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start : start + n] = self.experts[e](xs[start : start + n])
+                start += n
+        return out
+
     def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
@@ -89,15 +100,8 @@ class SparseMoeBlock(nn.Module):
         flat = ids.flatten()  # [T*k] expert of each (token, slot) pair
         order = flat.argsort(stable=True)
         token = order // self.top_k  # token of each pair, grouped by expert
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        xs = x[token]
-        out = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start : start + n] = self.experts[e](xs[start : start + n])
-                start += n
-        out = out * weights.flatten()[order, None]
+        counts = torch.bincount(flat, minlength=len(self.experts))
+        out = self.run_experts(x[token], counts) * weights.flatten()[order, None]
         routed = torch.zeros_like(x).index_add_(0, token, out)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).view(shape)

@@ -293,6 +293,11 @@ def _add_speedrun(sub):
         help="comma-separated subset of pretrain,synth,sft,reward,dpo,online-dpo,eval,needle (default: all)",
     )
     p.add_argument(
+        "--moe",
+        action="store_true",
+        help="also upcycle the pre-trained model to a small MoE and continue training it (+10%% of --minutes)",
+    )
+    p.add_argument(
         "--allow-changed", action="store_true", help="resume although hyper-parameters changed (recorded)"
     )
     p.add_argument(
@@ -304,7 +309,9 @@ def _add_speedrun(sub):
 
         if a.minutes <= 0:
             raise ValueError(f"--minutes must be positive, got {a.minutes}")
-        stages = [x.strip() for x in a.stages.split(",") if x.strip()] if a.stages else STAGES
+        stages = [x.strip() for x in a.stages.split(",") if x.strip()] if a.stages else list(STAGES)
+        if a.moe and "moe" not in stages:
+            stages.insert(1, "moe")
         report = speedrun(
             a.minutes, a.out, a.corpus, resume=not a.no_resume, stages=stages, allow_changed=a.allow_changed
         )

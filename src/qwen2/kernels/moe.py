@@ -145,6 +145,11 @@ class _Experts(torch.autograd.Function):
         return (dxs, None, None, None, *out)
 
 
+def _aligned(w13: torch.Tensor) -> bool:
+    """torch._grouped_mm needs every row of its operands 16-byte aligned (an expert width of 53 fails)."""
+    return all(n * w13.element_size() % 16 == 0 for n in (w13.shape[1] // 2, w13.shape[2]))
+
+
 def _grouped_forward(xs, counts: torch.Tensor, w13, w2) -> torch.Tensor:
     offs = counts.cumsum(0).to(torch.int32)
     gu = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
@@ -164,7 +169,7 @@ def routed_experts(block: core.SparseMoeBlock, xs: torch.Tensor, counts: torch.T
     grad = torch.is_grad_enabled() and (xs.requires_grad or any(p.requires_grad for p in params))
     if not grad and xs.shape[0] <= ops.MAX_ROWS and ops.usable(xs, w13):
         return None  # a bf16 decode step: the parent's loop goes through the GEMV kernels (GatedMLP)
-    if not grad and USE_GROUPED_MM and xs.shape[0] > len(block.experts):
+    if not grad and USE_GROUPED_MM and xs.shape[0] > len(block.experts) and _aligned(w13):
         # with fewer rows than experts the grouped call walks every (mostly empty) group: the loop wins
         return _grouped_forward(xs, counts, w13, w2)
     groups, start = [], 0
@@ -178,28 +183,8 @@ def routed_experts(block: core.SparseMoeBlock, xs: torch.Tensor, counts: torch.T
 
 class SparseMoeBlock(core.SparseMoeBlock):
     """The MoE block with the routed experts through `routed_experts`; routing, weighting, the shared
-    expert and the router-logit collection are the parent's, op for op."""
+    expert and the router-logit collection are the parent's."""
 
-    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T, H]
-        logits, weights, ids = self.route(x)
-        if router_logits is not None:
-            router_logits.append(logits)
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        token = order // self.top_k
-        counts = torch.bincount(flat, minlength=len(self.experts))
-        xs = x[token]
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = routed_experts(self, xs, counts)
-        if out is None:
-            out = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    out[start : start + n] = self.experts[e](xs[start : start + n])
-                    start += n
-        out = out * weights.flatten()[order, None]
-        routed = torch.zeros_like(x).index_add_(0, token, out)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (routed + shared).view(shape)
+        return super().run_experts(xs, counts) if out is None else out

@@ -115,16 +115,23 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 
 
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict):
-    """The inverse of full_state_dict: each rank keeps its shard of the full tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
-        options=StateDictOptions(full_state_dict=True),
+    """The inverse of full_state_dict: each rank keeps its shard of the full tensors. A parameter the saved
+    optimizer has no state for (an MoE expert no token has reached yet: AdamW makes a state at the first
+    gradient) gets none now either, as in the run that saved it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    saved = set(optim_sd.get("state", {}))
+    for name, p in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
 
 
 def model_from_state(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -243,6 +243,18 @@ def write_recipe_report(run_dir: str | Path, report: dict) -> Path:
             _pretrain_effect(report, rows),
         )
     ]
+    if recipe.get("moe"):
+        m = recipe["moe"]
+        loss, par = m["heldout_loss"], m["params"]
+        table.append(
+            (
+                "moe (upcycled)",
+                round(m["seconds"], 1),
+                f"{m['tokens']:,}",
+                f"held-out loss: dense {loss['dense']:.3f}, upcycled {loss['upcycled']:.3f}, trained "
+                f"{loss['trained']:.3f}; {par['total'] / 1e6:.2f}M params, {par['active'] / 1e6:.2f}M active",
+            )
+        )
     if chain.get("synth"):
         s = chain["synth"]
         table.append(
@@ -320,6 +332,9 @@ def write_recipe_report(run_dir: str | Path, report: dict) -> Path:
         ]
     if "needle" in recipe:
         lines += ["", f"![passkey retrieval]({Path(recipe['needle']['png']).name})"]
+    if recipe.get("moe", {}).get("expert_load_png"):
+        png = Path(recipe["moe"]["expert_load_png"]).relative_to(run_dir)
+        lines += ["", f"![expert load of the upcycled MoE]({png.as_posix()})"]
     if recipe.get("chat_samples"):
         lines += ["", "## Chat with the final model (ChatML)", ""]
         for s in recipe["chat_samples"]:

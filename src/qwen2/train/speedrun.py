@@ -6,6 +6,9 @@ Stages (paper sections 3-5), each reading the previous one's Hugging Face checkp
                  problems mixed in (data.tasks: arithmetic, string tasks, passkeys) and the long-context
                  stage (longer rows, RoPE base 10,000 -> 1,000,000) -> OUT/model
     synth        rejection sampling of the pre-trained model on the problems (checked by code)
+    moe          (optional, --moe) the pre-trained model upcycled to a small MoE (train.upcycle: 8 experts,
+                 top-2, a shared expert, 50% re-initialised) and trained on for a short continuation
+                 (train.moe_stage) -> OUT/moe/model; the chain below post-trains the dense model
     sft, reward, dpo (AdamW / OnDARE / OnTIES), online-dpo (OnDARE)   -> OUT/posttrain/<stage>/model
     eval         held-out accuracy and the alignment tax of every model (train.stages.run_chain)
     needle       passkey retrieval at 1x-16x the trained length, plain RoPE vs YaRN + DCA
@@ -33,6 +36,8 @@ PROMPTS = [
 
 
 STAGES = ("pretrain", "synth", "sft", "reward", "dpo", "online-dpo", "eval", "needle")
+OPTIONAL = ("moe",)  # not run unless asked for (--moe)
+MOE_SHARE = 0.1  # of the budget, on top of it: the MoE continuation
 PRETRAIN_SHARE = 0.6  # of the budget: tokenizer, data, both pre-training stages; the rest post-trains
 
 
@@ -60,9 +65,11 @@ def speedrun(
     """Run (or resume) the speedrun's `stages`; returns the report (also OUT/report.json)."""
     from qwen2.train.parallel import init_distributed
 
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGES + OPTIONAL]
     if unknown:
-        raise ValueError(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        raise ValueError(
+            f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES + OPTIONAL)}"
+        )
     t0 = time.perf_counter()
     cfg = speedrun_recipe(minutes * PRETRAIN_SHARE if set(stages) - {"pretrain"} else minutes, out, corpus)
     run = Path(cfg.out)
@@ -88,6 +95,10 @@ def recipe_report(cfg: PretrainConfig, report: dict, stages, minutes: float, sta
 
     run = Path(cfg.out)
     recipe = dict(report.get("recipe") or {})  # a rerun of some stages keeps the others' results
+    if "moe" in stages:
+        from qwen2.train.moe_stage import run_moe_stage
+
+        recipe["moe"] = run_moe_stage(run, run / "moe", minutes=MOE_SHARE * minutes)
     got = run_chain(run / "posttrain", run, chain_config(minutes), stages)
     chain = {**recipe.get("chain", {}), **{k: v for k, v in got.items() if v}}
     chain["seconds"] = {**recipe.get("chain", {}).get("seconds", {}), **got["seconds"]}
