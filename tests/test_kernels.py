@@ -53,7 +53,17 @@ def assert_within(y, ref, extra=0.0):
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
 
 
-SHAPES = [(1, 32, 1), (3, 33, 2), (4, 64, 1), (7, 100, 3), (130, 896, 1), (33, 4864, 8), (5, 1, 1)]
+SHAPES = [
+    (1, 32, 1),
+    (3, 33, 2),
+    (4, 64, 1),
+    (7, 100, 3),
+    (130, 896, 1),
+    (33, 4864, 8),
+    (5, 1, 1),
+    (6, 96, 5),  # activation rows past a block of 4 (the kernels take them 4 at a time): a tail of 1
+    (9, 40, 11),  # a tail of 3, and weight rows past a block of 4
+]
 
 
 @needs_kernels
@@ -217,7 +227,7 @@ def test_decode_step_with_and_without_the_kernels(bits, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [16, 8, 4])
-@pytest.mark.parametrize("n,k,m", [(4864, 896, 1), (37, 256, 3), (5, 128, 4)])
+@pytest.mark.parametrize("n,k,m", [(4864, 896, 1), (37, 256, 3), (5, 128, 4), (9, 256, 6)])
 def test_glu_kernel_is_silu_of_gate_times_up(n, k, m, bits):
     g = torch.Generator().manual_seed(n + k + m + bits)
     wg, wu, x = rows(n, k, g), rows(n, k, g), rows(m, k, g)
@@ -426,3 +436,69 @@ def test_the_kernel_layers_call_each_kernel_with_the_right_arguments(bits, monke
     assert want <= set(calls)
     assert (fast - ref).norm() / ref.norm() < 2e-2  # the same formulas; bf16 roundings in other places only
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+
+
+def paged_pools(blocks, bs, hkv, d, g):
+    """One layer's paged pools [blocks, bs, Hkv, d] of bf16 values, the last block (scratch) all NaN."""
+    k, v = (rows(blocks * bs * hkv, d, g).view(blocks, bs, hkv, d) for _ in range(2))
+    k[-1], v[-1] = float("nan"), float("nan")
+    return k, v
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "hq,hkv,bs,d,lengths",
+    [
+        (14, 2, 16, 64, [1]),  # one slot
+        (14, 2, 16, 64, [16, 17, 32, 100]),  # block boundaries and a tail, one batch mixing lengths
+        (6, 2, 5, 128, [4, 5, 6, 23]),  # a block size that is no multiple of 16
+        (4, 4, 8, 40, [9, 1, 40]),  # no grouping, d not a multiple of 32
+    ],
+)
+def test_paged_decode_attention_kernel_is_attention_over_the_block_tables(hq, hkv, bs, d, lengths):
+    g = torch.Generator().manual_seed(sum(lengths) + bs)
+    b, blocks = len(lengths), 40
+    kp, vp = paged_pools(blocks + 1, bs, hkv, d, g)
+    nb = -(-max(lengths) // bs) + 1  # one more than the longest row needs: padded with the NaN scratch
+    tables = torch.full((b, nb), blocks, dtype=torch.long)
+    perm = torch.randperm(blocks, generator=g)  # rows hold scattered, distinct blocks
+    for i, n in enumerate(lengths):
+        used = -(-n // bs)
+        tables[i, :used] = perm[i * 8 : i * 8 + used]
+    for t in range(nb):  # slots past each row's length (its last block's tail) hold NaN: never read
+        for i, n in enumerate(lengths):
+            lo = max(n - t * bs, 0)
+            if lo < bs and tables[i, t] != blocks:
+                kp[tables[i, t], lo:], vp[tables[i, t], lo:] = float("nan"), float("nan")
+    q = rows(b * hq, d, g).view(b, hq, 1, d)
+    lens = torch.tensor(lengths)
+    assert cpu_kernels.paged_decode_attention_ok(q, kp, vp)
+    y = cpu_kernels.paged_decode_attention(q, kp, vp, tables, lens)
+    assert y.shape == q.shape and torch.isfinite(y).all()
+    # the plain PyTorch path: gather the rows' blocks, float64 SDPA masked to each row's length
+    k = kp[tables].view(b, nb * bs, hkv, d).transpose(1, 2).double().nan_to_num(0.0)
+    v = vp[tables].view(b, nb * bs, hkv, d).transpose(1, 2).double().nan_to_num(0.0)
+    mask = (torch.arange(nb * bs) < lens[:, None]).view(b, 1, 1, -1)
+    rep = hq // hkv
+    ref = F.scaled_dot_product_attention(
+        q.double(), k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask
+    )
+    bound = 2.0**-8 * (v.abs().amax() + ref.abs()) + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all()
+    # and bit for bit the dense kernel over the gathered copy (a [B, S, Hkv, d] gather seen as [B, Hkv, S, d])
+    kg = kp[tables].view(b, nb * bs, hkv, d).nan_to_num(0.0).transpose(1, 2)
+    vg = vp[tables].view(b, nb * bs, hkv, d).nan_to_num(0.0).transpose(1, 2)
+    assert cpu_kernels.decode_attention_ok(q, kg, vg)
+    assert torch.equal(cpu_kernels.decode_attention(q, kg, vg, mask), y)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [2, 4, 5, 7, 9])
+def test_each_row_of_a_batched_product_is_the_row_alone(m):
+    """Batch invariance: activation rows go through the kernels in blocks, each with the one-row sum."""
+    g = torch.Generator().manual_seed(m)
+    w, wu, x = rows(37, 200, g), rows(37, 200, g), rows(m, 200, g)
+    y, glu = cpu_kernels.gemv_bf16(x, w), cpu_kernels.gemv_glu(x, w, wu)
+    for i in range(m):
+        assert torch.equal(y[i : i + 1], cpu_kernels.gemv_bf16(x[i : i + 1], w))
+        assert torch.equal(glu[i : i + 1], cpu_kernels.gemv_glu(x[i : i + 1], w, wu))

@@ -3,11 +3,12 @@
 Reference: PagedAttention (Kwon et al., SOSP 2023, "vLLM") for the block pool and block tables (which
 blocks a sequence holds is blocks.py's BlockManager).
 
-Departure: there is no paged-attention kernel. For each forward, `PagedBatch` (built by the engine's
-runner from the block tables) scatters the new k/v into the pool and gathers each row's blocks into
-contiguous [B, Hkv, S, d] tensors, so attention.py's one SDPA call site serves the paged cache through
-the same `view` / `update` interface as the static cache in generation.py. The gather copies the
-active KV once per layer per step: simple and correct on CPU, and small beside reading the weights.
+For each forward, `PagedBatch` (built by the engine's runner from the block tables) scatters the new
+k/v into the pool. A bf16 decode on CPU with qwen2.kernels installed then attends straight over the
+block tables (`decode`: kernels.ops.paged_decode_attention, called by the kernel Attention layer); every
+other forward gathers each row's blocks into [B, Hkv, S, d] tensors (`update`), so attention.py's one
+SDPA call site serves the paged cache through the same `view` / `update` interface as the static cache
+in generation.py. The gather copies the active KV once per layer per step.
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ class PagedBatch:
         slots = torch.arange(self.seq_len, device=positions.device)
         return CacheView(positions, (slots <= positions[..., None]).unsqueeze(1), self.seq_len)
 
+    def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        hkv, d = k.shape[1], k.shape[3]
+        for new, pool in ((k, self.pool.k[layer_idx]), (v, self.pool.v[layer_idx])):
+            pool.view(-1, hkv, d)[self.slots] = new.transpose(1, 2).reshape(-1, hkv, d)
+
+    def decode(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, view: CacheView):
+        """One-token decode attention without the gather: write k, v [B, Hkv, 1, d], then attend q
+        [B, Hq, 1, d] over each row's blocks up to its position with kernels.ops.paged_decode_attention.
+        None (nothing written) where that kernel does not apply; the caller then uses `update`."""
+        from qwen2.kernels import ops  # the kernels are applied from outside; the cache works without them
+
+        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        if q.shape[2] != 1 or k.dtype != kp.dtype or not ops.paged_decode_attention_ok(q, kp, vp):
+            return None
+        self._write(layer_idx, k, v)
+        return ops.paged_decode_attention(q, kp, vp, self.block_tables, view.positions[:, -1] + 1)
+
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, view: CacheView):
         """Write k, v [B, Hkv, T, d] to their slots; return the rows' k, v [B, Hkv, S, d]. (The slots
         were fixed when the batch was built; the view only says how much is read, always S here.)"""
@@ -70,9 +88,9 @@ class PagedBatch:
         # Slots past a row's last position (the scratch block, the stale tail of a reused block) get
         # weight 0 from the mask, but 0 * NaN is NaN: zeroed, one request's NaN / Inf cannot reach another.
         stale = torch.arange(self.seq_len, device=k.device) > view.positions.amax(dim=-1, keepdim=True)
+        self._write(layer_idx, k, v)
         out = []
-        for new, pool in ((k, self.pool.k[layer_idx]), (v, self.pool.v[layer_idx])):
-            pool.view(-1, hkv, d)[self.slots] = new.transpose(1, 2).reshape(-1, hkv, d)
+        for pool in (self.pool.k[layer_idx], self.pool.v[layer_idx]):
             gathered = pool[self.block_tables].view(b, self.seq_len, hkv, d)  # [B, S, Hkv, d]
             out.append(gathered.masked_fill_(stale[:, :, None, None], 0).transpose(1, 2))  # a fresh copy
         return out[0], out[1]

@@ -71,6 +71,40 @@ static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, in
     for (int q = 0; q < rows; q++) out[q] = _mm512_reduce_add_ps(acc[q]);
 }
 
+/* The same for xr <= X activation rows at once (x rows xs apart): each weight vector loaded once feeds xr
+ * products, so a few to tens of rows stay at the weights' streaming speed instead of re-reading the block
+ * from L1 for every row. out[p * R + q]: activation row p, weight row q. Each sum is the one dot_bf16
+ * computes (same order), so a row's result does not depend on the batch around it. */
+#ifndef X
+#define X 4
+#endif
+static inline __attribute__((always_inline)) void dot_bf16_x(const uint16_t *w, int64_t k, const uint16_t *x,
+                                                             int64_t xs, int rows, int xr, float *out) {
+    __m512 acc[X][R];
+    for (int p = 0; p < xr; p++)
+        for (int q = 0; q < rows; q++) acc[p][q] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        prefetch_rows((const uint8_t *)(w + j), 2 * k, rows);
+        __m512bh xv[X];
+        for (int p = 0; p < xr; p++) xv[p] = (__m512bh)_mm512_loadu_si512(x + p * xs + j);
+        for (int q = 0; q < rows; q++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + q * k + j);
+            for (int p = 0; p < xr; p++) acc[p][q] = _mm512_dpbf16_ps(acc[p][q], wv, xv[p]);
+        }
+    }
+    if (j < k) {
+        __mmask32 mask = (__mmask32)((1ull << (k - j)) - 1);
+        for (int q = 0; q < rows; q++) {
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + q * k + j);
+            for (int p = 0; p < xr; p++)
+                acc[p][q] = _mm512_dpbf16_ps(acc[p][q], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + p * xs + j));
+        }
+    }
+    for (int p = 0; p < xr; p++)
+        for (int q = 0; q < rows; q++) out[p * R + q] = _mm512_reduce_add_ps(acc[p][q]);
+}
+
 /* ---- integer weights: integer dot products ----------------------------------------------------
  * vpdpbusd (64 u8 x s8 products into 16 int32 lanes) runs ~3x as many products per cycle as
  * vdpbf16ps here, which the int4 unpacking needs. So a row of x is written in fixed point with a
@@ -282,6 +316,18 @@ static inline __attribute__((always_inline)) void block_rows(const matrix *w, co
     }
 }
 
+/* activation rows i .. i + xr - 1 (xr <= X) against weight rows r0 .. r0 + rows - 1: out[p * R + q] */
+static inline __attribute__((always_inline)) void block_rows_x(const matrix *w, const activations *a, int64_t i,
+                                                               int xr, int64_t r0, int rows, float *out) {
+    if (w->kind == BF16 && xr > 1) {
+        const uint16_t *wb = (const uint16_t *)w->w + r0 * w->k;
+        if (rows == R && xr == X) dot_bf16_x(wb, w->k, a->x + i * w->k, w->k, R, X, out);
+        else dot_bf16_x(wb, w->k, a->x + i * w->k, w->k, rows, xr, out);
+        return;
+    }
+    for (int p = 0; p < xr; p++) block_rows(w, a, i + p, r0, rows, out + p * R);
+}
+
 static void gemv(const matrix *w, const uint16_t *x, int64_t m, const uint16_t *bias, uint16_t *y, int threads) {
     activations a = prepare(w->kind, x, m, w->k, w->group);
     int64_t n = w->n;
@@ -289,10 +335,12 @@ static void gemv(const matrix *w, const uint16_t *x, int64_t m, const uint16_t *
     for (int64_t b = 0; b < (n + R - 1) / R; b++) {
         int64_t r0 = b * R;
         int rows = n - r0 < R ? (int)(n - r0) : R;
-        for (int64_t i = 0; i < m; i++) {
-            float out[R];
-            block_rows(w, &a, i, r0, rows, out);
-            for (int q = 0; q < rows; q++) store(y, i * n + r0 + q, out[q], bias, r0 + q);
+        for (int64_t i = 0; i < m; i += X) {
+            int xr = m - i < X ? (int)(m - i) : X;
+            float out[X * R];
+            block_rows_x(w, &a, i, xr, r0, rows, out);
+            for (int p = 0; p < xr; p++)
+                for (int q = 0; q < rows; q++) store(y, (i + p) * n + r0 + q, out[p * R + q], bias, r0 + q);
         }
     }
     release(&a);
@@ -404,77 +452,111 @@ static inline __m512 sum16(const __m512 *v) {
                          _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* q_a . k_u for slots u < n of k [n, d] (rows contiguous), as 16 lanes (0 past n) */
-static inline __attribute__((always_inline)) __m512 dots16(const uint16_t *k, int64_t d, const uint16_t *qa, int n) {
+/* q_a . k_u for the slots u < n whose rows (d contiguous) start at kr[u], as 16 lanes (0 past n) */
+static inline __attribute__((always_inline)) __m512 dots16(const uint16_t *const *kr, int64_t d, const uint16_t *qa,
+                                                           int n) {
     __m512 acc[16];
     for (int u = 0; u < 16; u++) acc[u] = _mm512_setzero_ps();
     for (int64_t t = 0; t < d; t += 32) {
         __mmask32 mk = d - t >= 32 ? ~0u : (__mmask32)((1ull << (d - t)) - 1);
         __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(mk, qa + t);
         for (int u = 0; u < n; u++)
-            acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_maskz_loadu_epi16(mk, k + u * d + t), qv);
+            acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_maskz_loadu_epi16(mk, kr[u] + t), qv);
     }
     return sum16(acc);
 }
 
 #define GROUP 8  /* query heads whose sums are kept in registers at once (Qwen2: 6-8 per KV head) */
 
-/* One query per row: q [b, hq, d]; k, v [b, hkv, w, d] at strides (batch, head) elements with rows of d
- * contiguous; mask [b, w] (nonzero: the slot may be attended). Query head a reads KV head a / (hq / hkv).
- * out [b, hq, d] = bf16(sum_j bf16(e_j) v_j / sum_j e_j), e_j = exp(s_j - max s), s_j = scale q.k_j in
- * fp32: torch's CPU SDPA kernel rounds e_j to bf16 before its product with v the same way. */
+/* One KV head's g query heads q [g, d] (contiguous) over w slots whose key / value rows start at kr[j] /
+ * vr[j]; mr [w] (nonzero: the slot may be attended) or NULL (all may). out [g, d] = bf16(sum_j bf16(e_j) v_j /
+ * sum_j e_j), e_j = exp(s_j - max s), s_j = scale q.k_j in fp32: torch's CPU SDPA kernel rounds e_j to bf16
+ * before its product with v the same way. */
+static void attend_head(const uint16_t *q, int64_t g, int64_t d, int64_t w, const uint16_t *const *kr,
+                        const uint16_t *const *vr, const uint8_t *mr, float scale, uint16_t *out) {
+    float *s = malloc(g * w * sizeof(float)), *total = malloc(g * sizeof(float));
+    for (int64_t j = 0; j < w; j += 16) {  /* s[a, j] = scale q_a . k_j, -inf where masked */
+        int live = w - j < 16 ? (int)(w - j) : 16;
+        __mmask16 allowed = 0;
+        for (int u = 0; u < live; u++) allowed |= (__mmask16)((mr == NULL || mr[j + u] != 0) << u);
+        for (int64_t a = 0; a < g; a++) {
+            const uint16_t *qa = q + a * d;
+            __m512 dots = live == 16 ? dots16(kr + j, d, qa, 16) : dots16(kr + j, d, qa, live);
+            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), allowed, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+            _mm512_mask_storeu_ps(s + a * w + j, first16(w - j), sc);
+        }
+    }
+    for (int64_t a = 0; a < g; a++) {  /* s[a, j] becomes bf16(e_j) */
+        float *sa = s + a * w;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < w; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, first16(w - j), sa + j));
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int64_t j = 0; j < w; j += 16) {
+            __mmask16 mj = first16(w - j);
+            __m512 e = _mm512_maskz_mov_ps(mj, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mj, sa + j), top)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(sa + j, mj, round_bf16(e));
+        }
+        total[a] = _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t a0 = 0; a0 < g; a0 += GROUP) {  /* out_a = sum_j s[a, j] v_j / total_a, 16 of d at a time */
+        int heads = g - a0 < GROUP ? (int)(g - a0) : GROUP;
+        for (int64_t t = 0; t < d; t += 16) {
+            __mmask16 mt = first16(d - t);
+            __m512 acc[GROUP];
+            for (int a = 0; a < GROUP; a++) acc[a] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < w; j++) {
+                __m512 vj = bf16x16(mt, vr[j] + t);  /* converted once for all the heads */
+                for (int a = 0; a < heads; a++)
+                    acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(s[(a0 + a) * w + j]), vj, acc[a]);
+            }
+            for (int a = 0; a < heads; a++)
+                store_bf16(out + (a0 + a) * d + t, mt, round_bf16(_mm512_div_ps(acc[a], _mm512_set1_ps(total[a0 + a]))));
+        }
+    }
+    free(s);
+    free(total);
+}
+
+/* One query per row: q [b, hq, d]; k, v [b, hkv, w, d] at strides (batch, head, slot) elements with rows of
+ * d contiguous; mask [b, w] (nonzero: the slot may be attended). Query head a reads KV head a / (hq / hkv).
+ * out [b, hq, d]: attend_head for each (row, KV head). */
 void q2_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t batch_stride,
-                         int64_t head_stride, const uint8_t *mask, int64_t b, int64_t hq, int64_t hkv, int64_t w,
-                         int64_t d, float scale, uint16_t *out, int threads) {
+                         int64_t head_stride, int64_t slot_stride, const uint8_t *mask, int64_t b, int64_t hq,
+                         int64_t hkv, int64_t w, int64_t d, float scale, uint16_t *out, int threads) {
     int64_t g = hq / hkv;
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t i = 0; i < b; i++)
         for (int64_t h = 0; h < hkv; h++) {
-            const uint16_t *kh = k + i * batch_stride + h * head_stride, *vh = v + i * batch_stride + h * head_stride;
-            const uint8_t *mr = mask + i * w;
-            float *s = malloc(g * w * sizeof(float)), *total = malloc(g * sizeof(float));
-            for (int64_t j = 0; j < w; j += 16) {  /* s[a, j] = scale q_a . k_j, -inf where masked */
-                int live = w - j < 16 ? (int)(w - j) : 16;
-                __mmask16 allowed = 0;
-                for (int u = 0; u < live; u++) allowed |= (__mmask16)((mr[j + u] != 0) << u);
-                for (int64_t a = 0; a < g; a++) {
-                    const uint16_t *qa = q + (i * hq + h * g + a) * d;
-                    __m512 dots = live == 16 ? dots16(kh + j * d, d, qa, 16) : dots16(kh + j * d, d, qa, live);
-                    __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), allowed, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
-                    _mm512_mask_storeu_ps(s + a * w + j, first16(w - j), sc);
-                }
+            const uint16_t **kr = malloc(2 * (w > 0 ? w : 1) * sizeof(uint16_t *)), **vr = kr + w;
+            for (int64_t j = 0; j < w; j++) {
+                kr[j] = k + i * batch_stride + h * head_stride + j * slot_stride;
+                vr[j] = v + i * batch_stride + h * head_stride + j * slot_stride;
             }
-            for (int64_t a = 0; a < g; a++) {  /* s[a, j] becomes bf16(e_j) */
-                float *sa = s + a * w;
-                __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-                for (int64_t j = 0; j < w; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, first16(w - j), sa + j));
-                __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-                for (int64_t j = 0; j < w; j += 16) {
-                    __mmask16 mj = first16(w - j);
-                    __m512 e = _mm512_maskz_mov_ps(mj, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mj, sa + j), top)));
-                    sum = _mm512_add_ps(sum, e);
-                    _mm512_mask_storeu_ps(sa + j, mj, round_bf16(e));
-                }
-                total[a] = _mm512_reduce_add_ps(sum);
+            attend_head(q + (i * hq + h * g) * d, g, d, w, kr, vr, mask + i * w, scale, out + (i * hq + h * g) * d);
+            free(kr);
+        }
+}
+
+/* The same straight from the paged KV pool, with no gather: kp, vp one layer's blocks [blocks, bs, hkv, d];
+ * tables [b, nb] block ids; row i attends to its slots 0 .. lengths[i] - 1, slot j at offset j % bs of block
+ * tables[i, j / bs] (nothing past lengths[i] is read, so a stale or NaN slot cannot reach the row). */
+void q2_paged_decode_attention(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, const int64_t *tables,
+                               int64_t nb, const int64_t *lengths, int64_t b, int64_t hq, int64_t hkv, int64_t bs,
+                               int64_t d, float scale, uint16_t *out, int threads) {
+    int64_t g = hq / hkv;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t h = 0; h < hkv; h++) {
+            int64_t w = lengths[i];
+            const uint16_t **kr = malloc(2 * (w > 0 ? w : 1) * sizeof(uint16_t *)), **vr = kr + w;
+            for (int64_t j = 0; j < w; j++) {
+                int64_t off = ((tables[i * nb + j / bs] * bs + j % bs) * hkv + h) * d;
+                kr[j] = kp + off;
+                vr[j] = vp + off;
             }
-            for (int64_t a0 = 0; a0 < g; a0 += GROUP) {  /* out_a = sum_j s[a, j] v_j / total_a, 16 of d at a time */
-                int heads = g - a0 < GROUP ? (int)(g - a0) : GROUP;
-                for (int64_t t = 0; t < d; t += 16) {
-                    __mmask16 mt = first16(d - t);
-                    __m512 acc[GROUP];
-                    for (int a = 0; a < GROUP; a++) acc[a] = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < w; j++) {
-                        __m512 vj = bf16x16(mt, vh + j * d + t);  /* converted once for all the heads */
-                        for (int a = 0; a < heads; a++)
-                            acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(s[(a0 + a) * w + j]), vj, acc[a]);
-                    }
-                    for (int a = 0; a < heads; a++)
-                        store_bf16(out + (i * hq + h * g + a0 + a) * d + t, mt,
-                                   round_bf16(_mm512_div_ps(acc[a], _mm512_set1_ps(total[a0 + a]))));
-                }
-            }
-            free(s);
-            free(total);
+            attend_head(q + (i * hq + h * g) * d, g, d, w, kr, vr, NULL, scale, out + (i * hq + h * g) * d);
+            free(kr);
         }
 }
 
@@ -494,14 +576,16 @@ void q2_glu(int kind, const void *wg, const uint16_t *sg, const uint16_t *zg, co
         for (int64_t b = 0; b < (n + R - 1) / R; b++) {
             int64_t r0 = b * R;
             int rows = n - r0 < R ? (int)(n - r0) : R;
-            for (int64_t i = 0; i < m; i++) {
-                float og[R], ou[R];
-                block_rows(&gate, &a, i, r0, rows, og);
-                block_rows(&up, &a, i, r0, rows, ou);
-                for (int q = 0; q < rows; q++) {
-                    g[i * n + r0 + q] = bf16_f32(f32_bf16(og[q]));
-                    u[i * n + r0 + q] = bf16_f32(f32_bf16(ou[q]));
-                }
+            for (int64_t i = 0; i < m; i += X) {
+                int xr = m - i < X ? (int)(m - i) : X;
+                float og[X * R], ou[X * R];
+                block_rows_x(&gate, &a, i, xr, r0, rows, og);
+                block_rows_x(&up, &a, i, xr, r0, rows, ou);
+                for (int p = 0; p < xr; p++)
+                    for (int q = 0; q < rows; q++) {
+                        g[(i + p) * n + r0 + q] = bf16_f32(f32_bf16(og[p * R + q]));
+                        u[(i + p) * n + r0 + q] = bf16_f32(f32_bf16(ou[p * R + q]));
+                    }
             }
         }
         #pragma omp for schedule(static)

@@ -11,7 +11,8 @@ What each swap does (the predicates in ops.py decide per call; without the libra
   through torch.mv otherwise (torch's CPU GEMM at M = 1 in bf16 is several times slower than its GEMV).
 - Int8Linear / Int4Linear -> their kernel twins: few bf16 rows through the int8 / int4 GEMV kernels.
 - MLP -> GatedMLP: gate and up products, silu and product in one call (bf16, int8 or int4 weights).
-- RMSNorm, Attention's rotary and attend -> one kernel call each for a bf16 decode step.
+- RMSNorm, Attention's rotary and attend -> one kernel call each for a bf16 decode step; over a cache
+  with a `decode` method (the engine's paged cache) the attention reads the blocks in place.
 - Qwen2 -> a twin whose tied output layer (the embedding) goes through the Linear path above.
 - SparseMoeBlock -> moe.SparseMoeBlock: the routed experts as grouped matmuls over fused weights (moe.py;
   the expert parameters become views of them, so the state dict is unchanged), forward and backward.
@@ -105,6 +106,23 @@ def _attend(q, k, v, mask=None):
 class Attention(core.Attention):
     rotary = staticmethod(_rotary)
     attend = staticmethod(_attend)
+
+    def forward(self, x, cos, sin, positions, cache=None, view=None):
+        # A one-token step over a cache that attends in place (the engine's paged cache: `decode`, which
+        # reads the blocks through their table instead of gathering them into a dense copy per layer).
+        decode = getattr(cache, "decode", None)
+        if decode is None or self.dual_chunk is not None or x.shape[1] != 1:
+            return super().forward(x, cos, sin, positions, cache, view)
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        out = decode(self.layer_idx, q, k, v, view)
+        if out is None:
+            k, v = cache.update(self.layer_idx, k, v, view)
+            out = self.attend(q, k, v, view.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
 
 
 class Qwen2(core.Qwen2):

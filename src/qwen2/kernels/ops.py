@@ -95,6 +95,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         p,
         i64,
         i64,
+        i64,
         p,
         i64,
         i64,
@@ -105,6 +106,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         p,
         c_int,
     ]
+    lib.q2_paged_decode_attention.argtypes = [
+        p, p, p, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int
+    ]  # fmt: skip
     return lib, f"on ({path})"
 
 
@@ -296,8 +300,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when decode_attention may take these (also inside torch.compile, as an op): bf16 on CPU, no
-    autograd, one query per row, k and v alike with rows of d contiguous."""
-    d = q.shape[-1]
+    autograd, one query per row, k and v alike with each slot's d values contiguous (any batch / head /
+    slot strides: the paged cache's gathered [B, S, Hkv, d] seen as [B, Hkv, S, d] too)."""
     return (
         q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.shape[2] == 1
@@ -305,7 +309,6 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
         and k.shape == v.shape
         and k.stride() == v.stride()
         and k.stride(-1) == 1
-        and k.stride(-2) == d
         and _ready((q, k, v))
     )
 
@@ -321,6 +324,7 @@ def _decode_attention(q, k, v, mask) -> torch.Tensor:
         v.data_ptr(),
         k.stride(0),
         k.stride(1),
+        k.stride(2),
         m.data_ptr(),
         b,
         hq,
@@ -344,3 +348,53 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     decode_attention_ok); mask [B, 1, 1, W] bool (True: may attend). Query head a reads KV head
     a // (Hq / Hkv)."""
     return _run("decode_attention", _decode_attention, q, k, v, mask)
+
+
+def paged_decode_attention_ok(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """True when paged_decode_attention may take these: eager, bf16 on CPU, no autograd, one query per row,
+    one layer's pools [blocks, block_size, Hkv, d] contiguous and alike."""
+    return (
+        not torch.compiler.is_compiling()
+        and q.dtype == k_pool.dtype == v_pool.dtype == torch.bfloat16
+        and q.dim() == 4
+        and q.shape[2] == 1
+        and k_pool.dim() == 4
+        and q.shape[1] % k_pool.shape[2] == 0
+        and q.shape[3] == k_pool.shape[3]
+        and k_pool.shape == v_pool.shape
+        and k_pool.is_contiguous()
+        and v_pool.is_contiguous()
+        and _ready((q, k_pool, v_pool))
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """decode_attention read straight from a paged KV pool, with no gather: q [B, Hq, 1, d]; k_pool, v_pool
+    one layer's blocks [blocks, block_size, Hkv, d]; tables [B, nb] int64 block ids; lengths [B] int64, at
+    most nb * block_size: row b attends to its slots 0..lengths[b]-1 (slot j at offset j % block_size of
+    block tables[b, j // block_size]) and reads nothing past them."""
+    b, hq, _, d = q.shape
+    _, bs, hkv, _ = k_pool.shape
+    q = q.contiguous()
+    tables = tables.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    library().q2_paged_decode_attention(
+        q.data_ptr(),
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        lengths.data_ptr(),
+        b,
+        hq,
+        hkv,
+        bs,
+        d,
+        d**-0.5,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out

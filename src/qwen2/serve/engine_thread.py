@@ -16,12 +16,21 @@ StepOutput whose `error` says why, logs one line, and the thread goes on serving
 only while the thread is dead or the last few steps all failed.
 
 Threads: torch's intra-op thread count is per calling thread under OpenMP; the engine thread sets it to
-the process's count (torch.get_num_threads() where the AsyncEngine is built) before its first step.
+the process's count (torch.get_num_threads() where the AsyncEngine is built) before its first step. Each
+thread that runs a parallel region also gets its own OpenMP team, and once libgomp manages more threads
+than there are CPUs it throttles every barrier's spin-wait to ~100 iterations before sleeping on a futex
+(its env.c: gomp_throttled_spin_count_var). The loading thread's idle team plus the engine thread's made
+3 threads on a 2-core machine, so each of the ~200 parallel regions of a decode step paid a sleep and a
+wake-up (engine B=1 step 85 vs 74 ms, engine thread 95% busy vs 100%). So the thread that builds the
+AsyncEngine hands its idle team back (omp_pause_resource_all) before the engine thread starts; other
+threads that run parallel torch ops later re-create a team and bring the throttling back (the server's
+worker threads should keep torch.set_num_threads(1)).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import threading
@@ -38,6 +47,26 @@ FAILED_STEPS_UNHEALTHY = 3  # consecutive failed steps after which /health says 
 
 class Overloaded(Exception):
     pass
+
+
+def release_openmp_team() -> bool:
+    """Hand the calling thread's idle OpenMP worker threads back to libgomp (omp_pause_resource_all, OpenMP
+    5.0), so that they no longer count against the CPUs (see the module docstring). Only the libgomp
+    already loaded (torch's) is used; False where there is none or it fails. The team is re-created if
+    this thread runs a parallel region again."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line and line.rstrip().endswith(".so.1")}
+    except OSError:
+        return False
+    for path in sorted(paths):
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        return pause(1) == 0  # omp_pause_soft
+    return False
 
 
 class AsyncEngine:
@@ -59,6 +88,7 @@ class AsyncEngine:
         self._stop = False
         self.failed_steps = 0  # consecutive
         self.last_error: str | None = None
+        release_openmp_team()  # this thread's team (loading the model) would halve the engine's spin-waits
         self._thread = threading.Thread(target=self._loop, name="qwen2-engine", daemon=True)
         self._thread.start()
 
