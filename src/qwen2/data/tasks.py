@@ -5,7 +5,9 @@ to train on a laptop learns them during pre-training, and every later stage (rej
 the reward model, DPO, online DPO, evaluation) is measured on held-out problems by exact checking.
 
 Families (each a function of a random.Random, so a seed fixes a whole set):
-    arithmetic   word problems over digit-by-digit numbers: "Ann has 23 apples and gets 48 more. ..."
+    arithmetic   word problems over digit-by-digit numbers: "Ann has 13 apples and gets 8 more. ..." (a
+                 number up to 20 and one digit: a few hundred facts, which a few-million-parameter model
+                 learns within a laptop speedrun; held-out problems reuse facts in unseen sentences)
     strings      string transformations: reverse / upper-case / sort the letters of a short word
     passkey      retrieval: a number hidden in filler text, asked for at the end (needle-style)
 
@@ -29,7 +31,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 def arithmetic(rng: random.Random) -> dict:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    a, b = rng.randint(1, 20), rng.randint(1, 9)
     if rng.random() < 0.5:
         q = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
         ans = a + b

@@ -166,9 +166,10 @@ def stage1_mixture(cfg: PretrainConfig, train, task_docs):
     )
 
 
-def long_mixture(cfg: PretrainConfig, train, task_docs=None):
-    """The long-context stage's data: documents >= long_min_doc_tokens, mixed with the ordinary corpus
-    (and the long passkeys at task_share of the tokens)."""
+def long_mixture(cfg: PretrainConfig, train, task_docs=None, long_tasks=None):
+    """The long-context stage's data: documents >= long_min_doc_tokens, mixed with the ordinary corpus,
+    and at task_share of the tokens the problems: half stage 1's (so the short skills are not forgotten
+    while RoPE's base changes), half the long passkeys."""
     from qwen2.data import Mixture
 
     long_docs = train.select(min_tokens=cfg.long_min_doc_tokens)
@@ -177,10 +178,12 @@ def long_mixture(cfg: PretrainConfig, train, task_docs=None):
             f"the corpus has no document of {cfg.long_min_doc_tokens}+ tokens for the "
             f"long-context stage; lower long_min_doc_tokens or add longer documents"
         )
-    share = cfg.task_share if task_docs is not None else 0.0
-    weights = {"long": cfg.long_mix * (1 - share), "all": (1 - cfg.long_mix) * (1 - share), "tasks": share}
-    sources = {"long": long_docs, "all": train, **({"tasks": task_docs} if task_docs is not None else {})}
-    return Mixture(sources, {k: weights[k] for k in sources})
+    sources = {"long": long_docs, "all": train}
+    sources.update({k: v for k, v in (("tasks", task_docs), ("long_tasks", long_tasks)) if v is not None})
+    share = cfg.task_share if len(sources) > 2 else 0.0
+    weights = {"long": cfg.long_mix * (1 - share), "all": (1 - cfg.long_mix) * (1 - share)}
+    weights.update({k: share / (len(sources) - 2) for k in sources if k not in weights})
+    return Mixture(sources, weights)
 
 
 @torch.no_grad()
@@ -287,7 +290,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = True, allow_changed: bool =
         return PackedLoader(data, seq_len, batch_size, rank, world, seed=cfg.seed, spread=cfg.spread)
 
     loader = packed(stage1_mixture(cfg, train, task_docs["pretrain"]), cfg.seq_len, cfg.batch_size)
-    long_loader = packed(long_mixture(cfg, train, task_docs["long"]), cfg.long_seq_len, cfg.long_batch_size)
+    long_data = long_mixture(cfg, train, task_docs["pretrain"], task_docs["long"])
+    long_loader = packed(long_data, cfg.long_seq_len, cfg.long_batch_size)
 
     def begin_long_stage():
         """RoPE base 10^4 -> 10^6 on the plain Qwen2 (trainer.model: under DDP / FSDP2 the wrappers

@@ -150,8 +150,10 @@ def rejection_sample(model_dir: Path, problems: list[dict], k: int, seed: int, c
 @dataclass
 class ChainConfig:
     """Sizes and settings of the post-training chain at small scale. The paper's learning rates (SFT 7e-6,
-    DPO 1e-6) are for 7B+ models; a few-million-parameter model needs larger ones. OMO's alpha is raised
-    from the script's 1e-7 so its pull toward the task vector shows within ~100 steps."""
+    DPO 1e-6) are for 7B+ models; a few-million-parameter model needs larger ones. OMO keeps the reference
+    alpha 1e-7: each step adds alpha * task vector, so over a few hundred steps alpha 1e-2 extrapolated the
+    SFT delta several times over (tax +39.9 nats) and 1e-3 doubled AdamW's tax; reserve 0.3 measured the
+    lowest tax (bench/omo_sweep.py)."""
 
     problems: int = 3000  # rejection-sampled: SFT data, and preference pairs where samples disagree
     prompts: int = 256  # online DPO
@@ -164,7 +166,7 @@ class ChainConfig:
     online_lr: float = 5e-5
     dpo_optimizers: tuple = ("adamw", "ondare", "onties")
     online_optimizer: str = "ondare"  # the paper's RLHF uses the Online Merging Optimizer
-    merge_alpha: float = 1e-2
+    merge_alpha: float = 1e-7
     merge_reserve: float = 0.3
 
 
