@@ -226,3 +226,15 @@ def test_unknown_or_mistyped_recipe_keys_are_one_line_errors_naming_the_key(tmp_
     recipe.write_text("long_mix: 1.5\n")
     with pytest.raises(ValueError, match="long_mix must be in"):
         load_recipe(recipe)
+
+
+def test_a_fresh_run_clears_the_stages_built_on_the_old_model(tmp_path):
+    """--no-resume: the speedrun's post-training and MoE folders were made from the old model, so they go
+    too (else the chain reads back finished stages of another model); the data and tokenizer stay."""
+    from qwen2.train.pretrain import clear_run
+
+    for d in ("posttrain/sft/model", "moe/model", "tokenizer", "data"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "passkey.png").write_bytes(b"png")
+    clear_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tokenizer"]
