@@ -3,10 +3,10 @@ preference pairs, once per optimizer setting, each scored by its alignment tax (
 loss's rise over the base model) and its held-out preference accuracy and margin.
 
 OnDARE adds alpha x the task vector (SFT - base) at every step, so over N steps it moves N x alpha task
-vectors further than the SFT model: alpha must stay far below 1 / N. The sweep that set
-train.stages.ChainConfig (on the speedrun recorded before it changed, 357 DPO steps): AdamW tax +1.657; OnDARE alpha 1e-7
-with reserve 0.01 +1.695, with reserve 0.3 +1.629; alpha 1e-3 reserve 0.3 +3.297; alpha 1e-2 reserve 0.3
-+39.9 (diverged).
+vectors further than the SFT model: alpha must stay far below 1 / N.
+The sweep that set train.stages.ChainConfig (on the speedrun recorded before it changed, 357 DPO
+steps): AdamW tax +1.657; OnDARE alpha 1e-7 with reserve 0.01 +1.695, with reserve 0.3 +1.629; alpha 1e-3
+reserve 0.3 +3.297; alpha 1e-2 reserve 0.3 +39.9 (diverged).
 
     .venv/bin/python bench/omo_sweep.py [--run runs/speedrun] adamw ondare:1e-7:0.01 ondare:1e-7:0.3
 

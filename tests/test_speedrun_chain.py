@@ -1,8 +1,8 @@
 """The speedrun end to end at a tiny budget (issue: the whole recipe in miniature): every stage runs
-(pretrain with problems mixed in, the optional MoE upcycling, synth, SFT, reward model, DPO with AdamW / OnDARE / OnTIES, online DPO
-with OnDARE, eval, passkey retrieval with and without YaRN + DCA), every stage's checkpoint loads in
-transformers and in our loader, the report card names every stage, and a rerun resumes instead of
-training again."""
+(pretrain with problems mixed in, the optional MoE upcycling, synth, SFT, reward model, DPO with AdamW /
+OnDARE / OnTIES, online DPO with OnDARE, eval, passkey retrieval with and without YaRN + DCA), every
+stage's checkpoint loads in transformers and in our loader, the report card names every stage, and a
+rerun resumes instead of training again."""
 
 import json
 

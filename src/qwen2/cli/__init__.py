@@ -295,7 +295,7 @@ def _add_speedrun(sub):
     p.add_argument(
         "--moe",
         action="store_true",
-        help="also upcycle the pre-trained model to a small MoE and continue training it (+10%% of --minutes)",
+        help="also upcycle the pre-trained model to a small MoE and train it on (+10%% of --minutes)",
     )
     p.add_argument(
         "--allow-changed", action="store_true", help="resume although hyper-parameters changed (recorded)"

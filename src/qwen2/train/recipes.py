@@ -278,7 +278,7 @@ def speedrun(minutes: float = 30.0, out: str = "runs/speedrun", corpus: str | No
         samples=2 if small else 4,
         sample_tokens=40 if small else 80,
         task_problems=3_000 if small else 30_000,
-        task_share=0.5,  # measured: at 0.3 a 30-minute run learnt too few problems for post-training to build on
+        task_share=0.5,  # measured: at 0.3 a 30-minute run learnt too few problems to post-train on
     )
 
 
