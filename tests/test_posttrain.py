@@ -108,7 +108,9 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(world, tmp_path):
     first = losses(tmp_path / "dpo")
     assert first[0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert min(first[1:]) < math.log(2)
-    assert summary["final"]["rewards/margins"] > 0
+    margins = losses(tmp_path / "dpo", "rewards/margins")  # one batch each: their mean, not the last one
+    assert margins[0] == pytest.approx(0.0, abs=1e-5) and sum(margins[1:]) / len(margins[1:]) > 0
+    assert "rewards/margins" in summary["final"]
 
 
 @pytest.mark.parametrize("method", ["ondare", "onties"])
