@@ -79,10 +79,18 @@ def test_kill_9_resumes_without_rescoring(tiny_chat_checkpoint, tmp_path, monkey
     write_jsonl(tmp_path / "data/mmlu/dev/anatomy.jsonl", rows[:5])
     write_jsonl(tmp_path / "data/mmlu/test/anatomy.jsonl", rows[5:])
     out = tmp_path / "out"
+    # The child scores at most a question per 0.5 s, so the kill below lands mid-run on any machine
+    # (unslowed, a fast machine finished all 35 between two polls).
+    slow = (
+        "import sys, time; from qwen2.eval import harness; from qwen2.cli.eval import main; "
+        "real = harness.InProcess.loglikelihood; "
+        "harness.InProcess.loglikelihood = lambda self, pairs: time.sleep(0.5) or real(self, pairs); "
+        "sys.exit(main())"
+    )
     cmd = [
         sys.executable,
-        "-m",
-        "qwen2.cli.eval",
+        "-c",
+        slow,
         "--model",
         str(tiny_chat_checkpoint),
         "--tasks",
