@@ -167,8 +167,8 @@ def routed_experts(block: core.SparseMoeBlock, xs: torch.Tensor, counts: torch.T
         return None
     params = [p for m in block.experts for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
     grad = torch.is_grad_enabled() and (xs.requires_grad or any(p.requires_grad for p in params))
-    if not grad and xs.shape[0] <= ops.MAX_ROWS and ops.usable(xs, w13):
-        return None  # a bf16 decode step: the parent's loop goes through the GEMV kernels (GatedMLP)
+    if not grad and ops.usable(xs[:1], w13) and int(counts.max()) <= ops.MAX_ROWS:
+        return None  # a bf16 decode step: the parent's loop runs each expert's few rows through the GEMVs
     if not grad and USE_GROUPED_MM and xs.shape[0] > len(block.experts) and _aligned(w13):
         # with fewer rows than experts the grouped call walks every (mostly empty) group: the loop wins
         return _grouped_forward(xs, counts, w13, w2)
