@@ -172,3 +172,26 @@ def test_an_expert_width_grouped_mm_cannot_take_runs_the_loop():
     x = torch.randn(1, 40, cfg.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_decode_step_runs_each_expert_through_the_gemv_kernels(monkeypatch):
+    """One token picks top-k experts, more than the kernels' MAX_ROWS in all but one row each: the experts
+    go through GatedMLP's GEMV path (the grouped products would take the step's k rows as a GEMM)."""
+    from qwen2.kernels import layers, ops
+
+    if not ops.usable(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)):
+        pytest.skip("the CPU kernels did not build here")
+    config = CONFIG.replace(num_experts_per_tok=ops.MAX_ROWS + 2)
+    torch.manual_seed(0)
+    block = install(build_model(config, dtype=torch.bfloat16).eval()).model.layers[0].mlp
+    assert isinstance(block, moe.SparseMoeBlock)
+    glu, rows = layers._glu, []
+    monkeypatch.setattr(layers, "_glu", lambda g, u, x: rows.append(x.shape[0]) or glu(g, u, x))
+    x = torch.randn(1, 1, config.hidden_size, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        block(x)
+    assert len(rows) == config.num_experts_per_tok + 1 and set(rows) == {1}  # each expert, and the shared one
+    rows.clear()
+    with torch.inference_mode():
+        block(torch.randn(1, 64, config.hidden_size, dtype=torch.bfloat16))  # prefill: the grouped products
+    assert rows == [64]  # only the shared expert
