@@ -258,7 +258,7 @@ def run_server(command, ckpt: Path, a, levels, env, prompts, ref_texts, log: Pat
                 raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
             time.sleep(0.5)
         # warm-up alone and batched: a server's first decode steps at a new batch size build their
-        # kernels (measured: one client right after a batched warm-up ran at 0.4x, both servers alike)
+        # kernels (measured: ours at one client right after only a batched warm-up ran at 0.4x)
         for c in (1, 4):
             asyncio.run(clients(url, prompts[:c], a.max_tokens, c))
         for c in levels:
