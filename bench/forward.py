@@ -235,7 +235,8 @@ def bench_grouped(repeat: int) -> list[dict]:
     print(f"read bandwidth {bandwidth:.1f} GB/s (1 GiB fp32 sum, best of the run)")
     for dtype, peak in peaks.items():
         print(f"{str(dtype)[6:]} matmul peak {peak:.0f} GFLOP/s (2048^3, best of the run)")
-    for dtype, t, what, flops, a, b, token_bytes, ceiling in raw:  # fractions of the run's best peak: conservative
+    # fractions of the run's best peak: conservative
+    for dtype, t, what, flops, a, b, token_bytes, ceiling in raw:
         gflops = flops / a / 1e9
         rows.append(
             {
@@ -268,7 +269,8 @@ def main():
     if rows:
         print(table(rows, ["what", "dtype", "ours tok/s", "transformers tok/s", "ratio"]))
     if "grouped" in only:
-        cols = ["what", "dtype", "ms", "tok/s", "GFLOP/s", "% matmul peak", "% expert-shape peak", "% bandwidth roofline"]
+        cols = ["what", "dtype", "ms", "tok/s", "GFLOP/s", "% matmul peak", "% expert-shape peak"]
+        cols.append("% bandwidth roofline")
         print(table(bench_grouped(args.repeat), [*cols, "vs model.py block"]))
 
 
