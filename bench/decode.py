@@ -18,20 +18,40 @@ Perplexity: float bf16 vs int8 / int4 on held-out text, with a model whose outpu
 small Qwen2 (hidden 256) trained here for a minute or two on Python standard-library source, over the
 ids that text uses (the real tokenizer's, renumbered), evaluated on other stdlib files.
 
-Each side (ours per dtype, transformers per dtype, int8, int4) takes --rounds turns in alternation and
-keeps its best, so a burst of load on a shared machine does not land on one side only.
+With `--llama-python PY --llama-convert CONVERT` (an interpreter that imports llama_cpp, and llama.cpp's
+convert_hf_to_gguf.py; an optional, documented step, never a dependency) llama.cpp decodes the same bf16
+weights beside ours: the checkpoint converted by llama.cpp's converter to a bf16 GGUF, quantized by
+llama.cpp to q8_0 and q4_k_m, each run by bench/llama_cpp_run.py with as many threads as torch uses, and
+compared with our default path (no --compile) at bf16 / int8 / int4: decode and prefill tokens/s, the
+ratio, % of the roofline for each (its bytes: the file's tensors), and how many greedy tokens agree.
+
+Each side (ours per dtype, transformers per dtype, int8, int4, llama.cpp's files) takes --rounds turns in
+alternation and keeps its best, so a burst of load on a shared machine does not land on one side only.
 
     .venv/bin/python bench/decode.py [--tokens 64] [--prompt 512] [--rounds 3] [--threads N]
                                      [--compile] [--steps 300]
     .venv/bin/python bench/decode.py --quick     # a smoke run: 2 layers, small counts, one round
+    .venv/bin/python bench/decode.py --skip-ppl --llama-python /tmp/llama-env/bin/python \
+        --llama-convert /tmp/llama-src/llama_cpp_python-0.3.16/vendor/llama.cpp/convert_hf_to_gguf.py
+
+llama.cpp in its own environment (llama-cpp-python compiled from PyPI's source for this CPU, ~15 minutes on
+2 cores; its converter, which is not in the wheel, from the same source archive; the converter's imports):
+    python3 -m venv /tmp/llama-env
+    CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llama-env/bin/pip install llama-cpp-python==0.3.16 torch==2.13.0 \
+        transformers mistral-common sentencepiece
+    /tmp/llama-env/bin/pip download --no-deps --no-binary :all: llama-cpp-python==0.3.16 -d /tmp/llama-src
+    tar xzf /tmp/llama-src/llama_cpp_python-0.3.16.tar.gz -C /tmp/llama-src
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +59,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import hf_twin, table, timeit  # noqa: E402
+from qwen2.checkpoint import save_model  # noqa: E402
 from qwen2.config import ModelConfig  # noqa: E402
 from qwen2.generation import KVCache, generate, prefill  # noqa: E402
 from qwen2.kernels import install  # noqa: E402
 from qwen2.kernels import ops as cpu_kernels  # noqa: E402
 from qwen2.model import build_model  # noqa: E402
 from qwen2.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, weight_bytes_per_token  # noqa: E402
+from qwen2.tokenizer.bpe import load_tokenizer  # noqa: E402
+from qwen2.tokenizer.save import save_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,18 +84,56 @@ def bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
     return x.numel() * 4 / min(times)
 
 
-def ours_decode(model, prompt: list[int], n: int, compile: bool) -> float:
-    """Decode tokens/s of qwen2.generate, greedy, n new tokens: the (n - 1) steps after the first token."""
+def ours_decode(model, prompt: list[int], n: int, compile: bool) -> tuple[float, list[int]]:
+    """(decode tokens/s, the tokens) of qwen2.generate, greedy, n new tokens: the (n - 1) steps after the
+    first token."""
     list(generate(model, prompt[:8], 4, temperature=0, compile=compile))  # warm-up (and compile)
     gen = generate(model, prompt, n, temperature=0, compile=compile)
-    assert len(list(gen)) == n
-    return (n - 1) / gen.decode_seconds
+    tokens = list(gen)
+    assert len(tokens) == n
+    return (n - 1) / gen.decode_seconds, tokens
 
 
 def ours_prefill(model, prompt: list[int], repeat: int) -> float:
     x = torch.tensor([prompt])
     cache = KVCache(model.config, 1, len(prompt), dtype=model.model.embed_tokens.weight.dtype)
     return len(prompt) / timeit(lambda: prefill(model, x, cache), repeat=repeat)
+
+
+class LlamaCpp:
+    """llama.cpp through --llama-python: our bf16 model saved as a checkpoint (save_model, the tokenizer
+    beside it), written to a bf16 GGUF by llama.cpp's own converter (--llama-convert), quantized by
+    llama.cpp to q8_0 and q4_k_m, and each file decoded by bench/llama_cpp_run.py in that interpreter."""
+
+    KINDS = {"bfloat16": "bf16", "int8 (bf16 act.)": "q8_0", "int4 (bf16 act.)": "q4_k_m"}
+    FIELDS = ("prefill", "decode", "tokens", "weight_bytes")  # of llama_cpp_run.py's decode
+
+    def __init__(self, args, model, prompt: list[int], workdir: Path):
+        self.python, self.threads, self.n = args.llama_python, torch.get_num_threads(), args.tokens
+        ckpt = save_model(model, workdir / "checkpoint")
+        save_tokenizer(load_tokenizer("Qwen2"), ckpt)
+        self.files = {kind: workdir / f"model-{kind}.gguf" for kind in self.KINDS.values()}
+        print("llama.cpp: converting the checkpoint to GGUF (its convert_hf_to_gguf.py) ...", flush=True)
+        self.run(args.llama_convert, str(ckpt), "--outtype", "bf16", "--outfile", str(self.files["bf16"]))
+        for kind in ("q8_0", "q4_k_m"):
+            self.runner("quantize", str(self.files["bf16"]), str(self.files[kind]), kind)
+        self.prompt = workdir / "prompt.json"
+        self.prompt.write_text(json.dumps(prompt))
+
+    def run(self, script: str, *argv: str) -> str:
+        """`script argv` in llama.cpp's interpreter; its stdout, or its stderr's tail in the error."""
+        out = subprocess.run([self.python, script, *argv], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{Path(script).name} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+        return out.stdout
+
+    def runner(self, *argv: str) -> dict:
+        out = self.run(str(Path(__file__).parent / "llama_cpp_run.py"), *argv)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def decode(self, kind: str) -> dict:
+        argv = ["--prompt", str(self.prompt), "--tokens", str(self.n), "--threads", str(self.threads)]
+        return self.runner("decode", str(self.files[kind]), *argv)
 
 
 def hf_speed(hf, prompt: list[int], n: int, repeat: int) -> tuple[float, float]:
@@ -102,56 +163,78 @@ def hf_speed(hf, prompt: list[int], n: int, repeat: int) -> tuple[float, float]:
     return len(prompt) / pre, (n - 1) / (clock.times[-1] - clock.times[0])
 
 
-def speed_rows(args) -> list[dict]:
+def speed_rows(args) -> tuple[list[dict], list[dict]]:
+    """(ours vs transformers per dtype, ours vs llama.cpp per weight format: empty without --llama-python)"""
     config = ModelConfig.preset("Qwen2-0.5B")
     if args.quick:  # the real widths (and output layer), fewer layers: a smoke run of the code paths
         config = config.replace(num_hidden_layers=2)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
     gib = 0.25 if args.quick else 1.0
-    found, ours_bf16, bw = [], None, 0.0
+    found, vs_llama, bw = [], [], 0.0
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         model = install(build_model(config, dtype=dtype).eval())  # the kernels, as load_model gives them
-        sides = {name: (model, False), f"{name} transformers": (hf_twin(model), True)}
+        sides = {name: model, f"{name} transformers": hf_twin(model)}
         if dtype == torch.bfloat16:
-            sides.update(
-                {
-                    f"int{bits} (bf16 act.)": (
-                        install(quantize_model(copy.deepcopy(model), bits=bits)),
-                        False,
-                    )
-                    for bits in (8, 4)
-                }
-            )
-        best = {k: (0.0, 0.0) for k in sides}
-        for r in range(
-            args.rounds
-        ):  # the sides take turns, and each keeps its best round: noise hits all alike
-            bw = max(bw, bandwidth(gib))
-            for k, (m, is_hf) in sides.items():
-                print(f"round {r + 1}/{args.rounds}: {k} ...", flush=True)
-                if is_hf:
-                    pre, dec = hf_speed(m, prompt, args.tokens, args.repeat)
-                else:
-                    pre, dec = (
-                        ours_prefill(m, prompt, args.repeat),
-                        ours_decode(m, prompt, args.tokens, args.compile),
-                    )
-                best[k] = (max(best[k][0], pre), max(best[k][1], dec))
+            for bits in (8, 4):
+                sides[f"int{bits} (bf16 act.)"] = install(quantize_model(copy.deepcopy(model), bits=bits))
+        with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+            llama = None
+            if dtype == torch.bfloat16 and args.llama_python:
+                llama = LlamaCpp(args, model, prompt, Path(tmp))
+                sides.update({f"llama.cpp {kind}": None for kind in llama.KINDS.values()})
+            best, tokens, llama_bytes = {k: (0.0, 0.0) for k in sides}, {}, {}
+            # the sides take turns, and each keeps its best round: noise hits all alike
+            for r in range(args.rounds):
+                bw = max(bw, bandwidth(gib))
+                for k, m in sides.items():
+                    print(f"round {r + 1}/{args.rounds}: {k} ...", flush=True)
+                    if k.startswith("llama.cpp"):
+                        out = llama.decode(k.removeprefix("llama.cpp "))
+                        pre, dec, tokens[k], llama_bytes[k] = (out[f] for f in LlamaCpp.FIELDS)
+                    elif k.endswith("transformers"):
+                        pre, dec = hf_speed(m, prompt, args.tokens, args.repeat)
+                    else:
+                        pre = ours_prefill(m, prompt, args.repeat)
+                        dec, tokens[k] = ours_decode(m, prompt, args.tokens, args.compile)
+                    best[k] = (max(best[k][0], pre), max(best[k][1], dec))
         (pre, dec), (hf_pre, hf_dec) = best[name], best[f"{name} transformers"]
         found.append((name, pre, hf_pre, dec, hf_dec, weight_bytes_per_token(model), None))
         if dtype == torch.bfloat16:
-            ours_bf16 = dec
-            for k in list(sides)[2:]:
-                (pre, dec), nbytes = best[k], weight_bytes_per_token(sides[k][0])
-                found.append((k, pre, None, dec, None, nbytes, dec / ours_bf16))
+            for k in ("int8 (bf16 act.)", "int4 (bf16 act.)"):
+                (q_pre, q_dec), nbytes = best[k], weight_bytes_per_token(sides[k])
+                found.append((k, q_pre, None, q_dec, None, nbytes, q_dec / dec))
+            for ours, kind in LlamaCpp.KINDS.items() if llama else ():
+                k, nbytes = f"llama.cpp {kind}", weight_bytes_per_token(sides[ours])
+                pair = (best[ours], best[k]), (nbytes, llama_bytes[k]), (tokens[ours], tokens[k])
+                vs_llama.append(llama_row(ours, kind, *pair, bw))
         del model, sides
     print(f"memory read bandwidth (best sum over a {gib:g} GiB tensor): {bw / 1e9:.1f} GB/s")
-    return [
+    rows = [
         row(name, pre, hf_pre, dec, hf_dec, bw / nbytes, vs)
         for name, pre, hf_pre, dec, hf_dec, nbytes, vs in found
     ]
+    return rows, vs_llama
+
+
+def llama_row(ours, kind, speeds, nbytes, tokens, bw) -> dict:
+    """One row of ours vs llama.cpp: each pair is (ours, llama.cpp)."""
+    ((pre, dec), (lpre, ldec)), (nbytes, llama_nbytes), (tokens, llama_tokens) = speeds, nbytes, tokens
+    same = next((i for i, (a, b) in enumerate(zip(tokens, llama_tokens)) if a != b), len(tokens))
+    return {
+        "ours": ours,
+        "llama.cpp": kind,
+        "decode ours": f"{dec:.2f}",
+        "decode llama.cpp": f"{ldec:.2f}",
+        "decode ratio": f"{dec / ldec:.2f}x",
+        "ours % of roofline": f"{100 * dec * nbytes / bw:.0f}%",
+        "llama.cpp % of roofline": f"{100 * ldec * llama_nbytes / bw:.0f}%",
+        "prefill ours": f"{pre:.0f}",
+        "prefill llama.cpp": f"{lpre:.0f}",
+        "prefill ratio": f"{pre / lpre:.2f}x",
+        "greedy tokens equal": f"first {same}/{len(tokens)}",
+    }
 
 
 def row(name, pre, hf_pre, dec, hf_dec, roof, vs_bf16=None) -> dict:
@@ -240,7 +323,6 @@ def gemv_rows(args) -> list[dict]:
 def stdlib_ids(tokenizer_dir: Path, chars: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(train ids, held-out ids) of stdlib source text, renumbered to the ids the text uses."""
     from qwen2.data.corpus import stdlib_dir
-    from qwen2.tokenizer.bpe import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     files = sorted(stdlib_dir().glob("*.py"))
@@ -339,7 +421,15 @@ def main():
         help="smoke run: 2 layers of 0.5B, 8 tokens, 64-token prompt, 20 training steps",
     )
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument(
+        "--llama-python", default=None, help="an interpreter with llama_cpp: measure llama.cpp too"
+    )
+    ap.add_argument(
+        "--llama-convert", default=None, help="llama.cpp's convert_hf_to_gguf.py (needed with --llama-python)"
+    )
     args = ap.parse_args()
+    if args.llama_python and not (args.llama_convert and Path(args.llama_convert).is_file()):
+        ap.error("--llama-python needs --llama-convert PATH/convert_hf_to_gguf.py (llama.cpp's converter)")
     if args.quick:
         args.tokens, args.prompt, args.repeat, args.rounds, args.steps = 8, 64, 1, 1, 20
     if args.threads:
@@ -352,8 +442,11 @@ def main():
     print(cpu_kernels.status())
     rows = gemv_rows(args)
     print(table(rows, list(rows[0])))
-    rows = speed_rows(args)
+    rows, vs_llama = speed_rows(args)
     print(table(rows, list(rows[0])))
+    if vs_llama:
+        print("our default decode path vs llama.cpp's, same weights, same run (tokens/s):")
+        print(table(vs_llama, list(vs_llama[0])))
     if not args.skip_ppl:
         rows = ppl_rows(args)
         print(table(rows, list(rows[0])))
