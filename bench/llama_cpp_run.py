@@ -6,7 +6,8 @@ from PyPI's source), never by this project's: it imports nothing of qwen2 and pr
 
 `decode` loads the model, runs the prompt through it in one batch (prefill tokens/s), then decodes greedily
 (argmax of the last logits, as qwen2.generate's temperature 0) N tokens one at a time, timing the span
-from the first token chosen to the last, the same (N - 1) steps bench/decode.py times for ours. The weight
+from the first token chosen to the last, the same (N - 1) steps bench/decode.py times for ours; the five
+most likely ids after the prompt come back too, to check the file is the same model as ours. The weight
 bytes one decode step reads are the tensors' bytes in the file (the output layer, or the tied embedding).
 """
 
@@ -43,6 +44,11 @@ def weight_bytes(path: str) -> int:
     return sum(tensors.values())
 
 
+def last_logits(llm, vocab: int) -> np.ndarray:
+    """The last evaluated token's logits, read in place (without logits_all llama.cpp keeps that row only)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+
 def decode(path: str, prompt: list[int], n: int, threads: int) -> dict:
     llm = llama_cpp.Llama(
         model_path=path,
@@ -59,9 +65,9 @@ def decode(path: str, prompt: list[int], n: int, threads: int) -> dict:
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - t0)
     vocab, tokens, times = llm.n_vocab(), [], []
+    top5 = np.argsort(-last_logits(llm, vocab))[:5].tolist()
     for _ in range(n):
-        # the last evaluated token's logits, read in place (llama.cpp keeps only that row)
-        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+        tok = int(np.argmax(last_logits(llm, vocab)))
         times.append(time.perf_counter())
         tokens.append(tok)
         if len(tokens) < n:
@@ -70,6 +76,7 @@ def decode(path: str, prompt: list[int], n: int, threads: int) -> dict:
         "prefill": prefill,
         "decode": (n - 1) / (times[-1] - times[0]),
         "tokens": tokens,
+        "top5": top5,
         "weight_bytes": weight_bytes(path),
     }
 
