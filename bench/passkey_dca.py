@@ -4,7 +4,7 @@ Dual Chunk Attention, as needle-in-a-haystack heat maps.
 
 The speedrun's base model does not retrieve at all (0% at its own length: docs/speedrun_recipe.md), so
 its heat maps cannot show what DCA changes. This bench trains a model that does: a small Qwen2 (the real
-vocabulary and tokenizer, RoPE base 1e4 as the paper's models before their long-context stage) on
+vocabulary and tokenizer; RoPE base --rope-theta, 1e4 as the paper's models before their long stage) on
 data.tasks' passkey problems only, at up to --trained-length tokens (the key's depth and the haystack's
 length drawn per example, the loss on the answer's tokens), until it retrieves. Then stages.passkey_grid,
 the speedrun's needle stage, scores the saved checkpoint at each length x depth for each variant
@@ -59,7 +59,7 @@ def batch(tok, rng: random.Random, rows: int, max_paragraphs: int, pad: int):
     return ids, labels
 
 
-def train(tok, l0: int, steps: int, rows: int, lr: float, seed: int):
+def train(tok, l0: int, steps: int, rows: int, lr: float, seed: int, rope_theta: float):
     config = ModelConfig(
         hidden_size=128,  # two layers: retrieval needs a previous-token head and an induction head
         intermediate_size=384,
@@ -67,7 +67,7 @@ def train(tok, l0: int, steps: int, rows: int, lr: float, seed: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=l0,
-        rope_theta=10_000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=True,
         torch_dtype="float32",
     )
@@ -102,20 +102,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--trials", type=int, default=4, help="keys per (length, depth) cell")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--rope-theta", type=float, default=1e4, help="RoPE base (Qwen2 before its long stage: 1e4)"
+    )
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for passkey_dca.{png,json}")
+    ap.add_argument("--name", default="passkey_dca", help="the output files' stem")
     args = ap.parse_args()
     l0 = args.trained_length
     tok = load_tokenizer("Qwen2")
     print(f"training a passkey retriever at up to {l0} tokens, {args.steps} steps of {args.rows}", flush=True)
     t0 = time.perf_counter()
-    model = train(tok, l0, args.steps, args.rows, args.lr, args.seed)
+    model = train(tok, l0, args.steps, args.rows, args.lr, args.seed, args.rope_theta)
     minutes = (time.perf_counter() - t0) / 60
     lengths = [int(f) * l0 for f in args.factors.split(",")]
     with tempfile.TemporaryDirectory(prefix="passkey-dca-") as tmp:
         ckpt = save_model(model, Path(tmp) / "model")
         save_tokenizer(tok, ckpt)
         grid = passkey_grid(ckpt, l0, lengths, trials=args.trials, variants=VARIANTS, seed=args.seed + 1)
-    grid["train"] = {"steps": args.steps, "rows": args.rows, "minutes": round(minutes, 1)}
+    grid["train"] = {
+        "steps": args.steps,
+        "rows": args.rows,
+        "rope_theta": args.rope_theta,
+        "minutes": round(minutes, 1),
+    }
     print(f"trained in {minutes:.1f} min; accuracy over depths (rows: variant, columns: length)")
     print(f"{'':<14}" + "".join(f"{n:>8}" for n in lengths))
     for name, acc in grid["accuracy"].items():
@@ -125,8 +134,8 @@ def main() -> None:
         print(f"{name:<14}" + "".join(f"{a:>8.0%}" for a in by_length))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "passkey_dca.json").write_text(json.dumps(grid, indent=1))
-    print(f"plot: {plot_passkey_grid(grid, out / 'passkey_dca.png')}")
+    (out / f"{args.name}.json").write_text(json.dumps(grid, indent=1))
+    print(f"plot: {plot_passkey_grid(grid, out / f'{args.name}.png')}")
 
 
 if __name__ == "__main__":
